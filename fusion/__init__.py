@@ -1,0 +1,1 @@
+"""fusion: compose concept adapters trained on disjoint spectral bands (see README)."""

@@ -1,0 +1,30 @@
+"""spectral_vision: parameter-efficient fine-tuning in the spectral space of pretrained weights.
+
+Where things live:
+    svd.py        decomposition (exact / randomized, fp32, sign-canonical, disk cache)
+    layers.py     SpectralLayer: the one wrapper (forward, merge/unmerge) for Linear/Conv2d/Conv1D
+    methods/      one file per method on SpectralDelta (registry in methods/base.py)
+    presets.py    target-module presets per model family (the backbone table)
+    model.py      attach / detach / set_adapter / merge / trainable_parameters
+    io.py         safetensors save / load with base fingerprint
+"""
+__version__ = "0.1.0"
+
+from .config import SpectralConfig
+from .svd import Basis, decompose, canonicalize_signs
+from .methods import SpectralDelta, register_method, get_method, available_methods
+from .layers import SpectralLayer
+from .presets import PRESETS
+from .model import (
+    attach, detach, set_adapter, enable_adapters, disable_adapters, merge, unmerge, merge_and_unload,
+    spectral_layers, adapter_names, adapter_config, trainable_parameters, ParamCount,
+)
+from .io import save_adapter, load_adapter, read_adapter, AdapterFileError
+
+__all__ = [
+    "SpectralConfig", "Basis", "decompose", "canonicalize_signs", "SpectralDelta", "register_method",
+    "get_method", "available_methods", "SpectralLayer", "PRESETS", "attach", "detach", "set_adapter",
+    "enable_adapters", "disable_adapters", "merge", "unmerge", "merge_and_unload", "spectral_layers",
+    "adapter_names", "adapter_config", "trainable_parameters", "ParamCount", "save_adapter",
+    "load_adapter", "read_adapter", "AdapterFileError",
+]

@@ -1,0 +1,202 @@
+"""Model-level API: attach/detach adapters by target pattern, switch, merge, count parameters.
+
+All state lives in the :class:`~spectral_vision.layers.SpectralLayer` wrappers, so these
+functions work on any ``nn.Module`` (including ones wrapped by DDP/accelerate) by walking its
+modules.
+"""
+from __future__ import annotations
+
+from typing import Iterator, NamedTuple, Optional, Union
+
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import SpectralConfig
+from .layers import SpectralLayer, layer_kind
+from .methods.base import get_method
+from .presets import match_targets
+
+__all__ = [
+    "attach", "detach", "set_adapter", "enable_adapters", "disable_adapters", "merge", "unmerge",
+    "merge_and_unload", "spectral_layers", "adapter_names", "adapter_config", "trainable_parameters",
+    "ParamCount",
+]
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def spectral_layers(model: nn.Module) -> Iterator[tuple[str, SpectralLayer]]:
+    """``(qualified name, layer)`` for every wrapped layer; names are those of the base model."""
+    for name, module in model.named_modules():
+        if isinstance(module, SpectralLayer):
+            yield name, module
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """Names of the adapters present on the model, in insertion order."""
+    seen: dict[str, None] = {}
+    for _, layer in spectral_layers(model):
+        seen.update(dict.fromkeys(layer.adapters))
+    return list(seen)
+
+
+def adapter_config(model: nn.Module, adapter_name: str = "default") -> SpectralConfig:
+    """The :class:`SpectralConfig` adapter ``adapter_name`` was attached with."""
+    for _, layer in spectral_layers(model):
+        if adapter_name in layer.adapters:
+            return layer.adapters[adapter_name].cfg
+    raise KeyError(f"no adapter {adapter_name!r} on this model; present: {adapter_names(model)}")
+
+
+def attach(
+    model: nn.Module,
+    cfg: SpectralConfig,
+    adapter_name: str = "default",
+    columns: Optional[dict[str, list[int]]] = None,
+    progress: bool = True,
+) -> nn.Module:
+    """Add adapter ``adapter_name`` to every layer matched by ``cfg.target_modules``, in place.
+
+    Matched ``nn.Linear`` / ``nn.Conv2d`` / ``Conv1D`` layers are replaced by
+    :class:`SpectralLayer` wrappers (a layer already wrapped gets one more adapter). All base
+    parameters are frozen; the new adapter becomes active and trainable (with any adapters that
+    were already active). ``columns`` optionally gives singular indices per layer name (used by
+    :func:`load_adapter` and importance scoring). On any error nothing is left changed.
+
+    Returns the same ``model``.
+    """
+    get_method(cfg.method)  # fail early on an unknown method
+    if adapter_name in adapter_names(model):
+        raise ValueError(f"adapter {adapter_name!r} already exists; pick another adapter_name or detach it")
+
+    def supported(m):
+        return isinstance(m, SpectralLayer) or layer_kind(m) is not None
+
+    if columns is not None:  # exact layer names (load_adapter, importance scoring)
+        names = list(columns)
+        present = dict(model.named_modules())
+        bad = [n for n in names if n not in present or not supported(present[n])]
+        if bad:
+            raise ValueError(f"layers {bad[:5]} are not adaptable layers of {type(model).__name__} "
+                             f"(is this the base model the adapter was trained on?)")
+    else:
+        names = match_targets(model, cfg.target_modules, cfg.exclude_modules, supported)
+        names = [n for n in names if not n.endswith(".base_layer")]
+    added: list[tuple[str, SpectralLayer, bool]] = []
+    try:
+        for name in tqdm(names, desc=f"attach {cfg.method}", disable=not progress or len(names) < 8):
+            module = model.get_submodule(name)
+            wrapped = isinstance(module, SpectralLayer)
+            layer = module if wrapped else SpectralLayer(module)
+            try:
+                layer.add_adapter(adapter_name, cfg, None if columns is None else columns[name])
+            except Exception as e:
+                raise type(e)(f"layer {name!r}: {e}") from e
+            if not wrapped:
+                _set_module(model, name, layer)
+            added.append((name, layer, wrapped))
+    except Exception:
+        for name, layer, wrapped in reversed(added):  # roll back: the model is as it was
+            if wrapped:
+                layer.remove_adapter(adapter_name)
+            else:
+                _set_module(model, name, layer.base_layer)
+        raise
+    for p in model.parameters():
+        p.requires_grad_(False)
+    _refresh_trainable(model)
+    return model
+
+
+def _refresh_trainable(model: nn.Module) -> None:
+    """Only the parameters of active adapters require grad."""
+    for _, layer in spectral_layers(model):
+        for name, delta in layer.adapters.items():
+            for p in delta.parameters():
+                p.requires_grad_(name in layer.active_adapters)
+
+
+def detach(model: nn.Module, adapter_name: Optional[str] = None) -> nn.Module:
+    """Remove adapter ``adapter_name`` (default: all adapters, restoring the original modules).
+
+    Unmerged layers are restored bit for bit (the base module object itself is put back).
+    """
+    for name, layer in list(spectral_layers(model)):
+        if adapter_name is not None and adapter_name not in layer.adapters:
+            continue
+        layer.unmerge()
+        if adapter_name is not None:
+            layer.remove_adapter(adapter_name)
+        if adapter_name is None or not layer.adapters:
+            _set_module(model, name, layer.base_layer)
+    return model
+
+
+def set_adapter(model: nn.Module, adapter_name: Union[str, list[str]]) -> None:
+    """Make ``adapter_name`` (or several names, summed) the active, trainable adapter(s)."""
+    names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+    missing = set(names) - set(adapter_names(model))
+    if missing:
+        raise KeyError(f"no adapter(s) {sorted(missing)}; present: {adapter_names(model)}")
+    for _, layer in spectral_layers(model):
+        if layer.merged_adapters:
+            layer.unmerge()
+        layer.active_adapters = [n for n in names if n in layer.adapters]
+    _refresh_trainable(model)
+
+
+def enable_adapters(model: nn.Module) -> None:
+    """Use the active adapters again after :func:`disable_adapters`."""
+    for _, layer in spectral_layers(model):
+        layer.disabled = False
+
+
+def disable_adapters(model: nn.Module) -> None:
+    """Run the base model only (merged layers are unmerged)."""
+    for _, layer in spectral_layers(model):
+        layer.unmerge()
+        layer.disabled = True
+
+
+def merge(model: nn.Module, adapter_names: Optional[list[str]] = None) -> None:
+    """Fold the active adapters (or ``adapter_names``) into the base weights for inference."""
+    for _, layer in spectral_layers(model):
+        names = None if adapter_names is None else [n for n in adapter_names if n in layer.adapters]
+        layer.merge(names)
+
+
+def unmerge(model: nn.Module) -> None:
+    """Restore every merged layer's base weight exactly."""
+    for _, layer in spectral_layers(model):
+        layer.unmerge()
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Bake the active adapters into the weights and remove the wrappers: a plain model again."""
+    for name, layer in list(spectral_layers(model)):
+        layer.merge()
+        layer._original_weight = None
+        _set_module(model, name, layer.base_layer)
+    return model
+
+
+class ParamCount(NamedTuple):
+    trainable: int  # parameters with requires_grad
+    total: int  # all parameters (base + adapters)
+    percent: float  # 100 * trainable / base parameters (as in the papers' tables)
+
+    def __str__(self) -> str:
+        return f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: {self.percent:.4f}"
+
+
+def trainable_parameters(model: nn.Module) -> ParamCount:
+    """Count trainable and total parameters; percent is relative to the base model's size."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    adapters = sum(p.numel() for _, l in spectral_layers(model) for p in l.adapters.parameters())
+    base = max(total - adapters, 1)
+    return ParamCount(trainable, total, 100.0 * trainable / base)

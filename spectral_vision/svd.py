@@ -1,0 +1,171 @@
+"""Decomposition: the one place where singular value decompositions are computed.
+
+Every weight is decomposed in float32, whatever the model dtype, as ``W = U diag(S) Vᵀ`` with
+``W`` the layer's 2-D weight matrix of shape ``(out, in)`` (see :mod:`spectral_vision.layers`
+for the reshape convention of convolutions). Two algorithms:
+
+* ``exact``: :func:`torch.linalg.svd` (thin), then truncated to the top ``k`` triplets;
+* ``randomized``: :func:`torch.svd_lowrank` (Halko et al.) with oversampling and power
+  iterations, seeded so that it is deterministic; only the top ``k`` triplets are computed.
+
+Results are **sign-canonical** (:func:`canonicalize_signs`) and cached on disk keyed by a hash of
+the weight's bytes, so decomposing the same base a second time costs a file read.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+__all__ = ["Basis", "decompose", "canonicalize_signs", "weight_hash", "cache_dir", "sigma_fingerprint"]
+
+#: Below this smaller dimension, ``auto`` uses the exact SVD (cheap and exact).
+EXACT_MAX_DIM = 1024
+
+
+@dataclass
+class Basis:
+    """Top-``k`` singular triplets of a weight matrix ``W (out, in)``.
+
+    Attributes:
+        U: ``(out, k)`` left singular vectors, float32.
+        S: ``(k,)`` singular values, descending, float32.
+        V: ``(in, k)`` right singular vectors, float32.
+        method: ``"exact"`` or ``"randomized"``.
+        weight_hash: hex digest of the weight bytes it was computed from (the cache key).
+    """
+
+    U: torch.Tensor
+    S: torch.Tensor
+    V: torch.Tensor
+    method: str
+    weight_hash: str
+
+    @property
+    def k(self) -> int:
+        return self.S.numel()
+
+    def select(self, columns: torch.Tensor) -> "Basis":
+        """The triplets at ``columns`` (a 1-D long tensor of indices < k), same order."""
+        return Basis(self.U[:, columns], self.S[columns], self.V[:, columns], self.method, self.weight_hash)
+
+
+def cache_dir() -> Path:
+    """Folder of the on-disk SVD cache: ``$SPECTRAL_VISION_CACHE/svd`` or ``~/.cache/spectral_vision/svd``."""
+    root = os.environ.get("SPECTRAL_VISION_CACHE") or os.path.join(Path.home(), ".cache", "spectral_vision")
+    return Path(root) / "svd"
+
+
+def weight_hash(weight: torch.Tensor) -> str:
+    """Hex digest (blake2b, 20 hex chars) of a tensor's dtype, shape and bytes."""
+    t = weight.detach().contiguous().cpu()
+    h = hashlib.blake2b(digest_size=10)
+    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def sigma_fingerprint(S: torch.Tensor, n: int = 8) -> list[float]:
+    """The top ``n`` singular values as plain floats: a dtype- and device-robust basis fingerprint."""
+    return [float(s) for s in S[:n].tolist()]
+
+
+def canonicalize_signs(U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fix the sign ambiguity of singular pairs with one rule.
+
+    For each pair ``(u_i, v_i)`` the sign is chosen so that the entry of ``u_i`` with the largest
+    absolute value is positive (ties: the first such index). ``u_i`` and ``v_i`` flip together, so
+    ``U diag(S) Vᵀ`` is unchanged. Shapes: ``U (out, k)``, ``V (in, k)``.
+    """
+    idx = U.abs().argmax(dim=0)  # (k,) first index of the max magnitude in each column
+    signs = torch.sign(U.gather(0, idx[None, :])).squeeze(0)  # (k,)
+    signs[signs == 0] = 1.0
+    return U * signs, V * signs
+
+
+def _exact(W: torch.Tensor, k: int):
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    return U[:, :k], S[:k], Vh[:k].T
+
+
+def _randomized(W: torch.Tensor, k: int, oversample: int, power_iters: int):
+    q = min(k + oversample, min(W.shape))
+    with torch.random.fork_rng(devices=[W.device] if W.is_cuda else []):
+        torch.manual_seed(0)
+        U, S, V = torch.svd_lowrank(W, q=q, niter=power_iters)
+    return U[:, :k], S[:k], V[:, :k]
+
+
+def _load_cached(path: Path, k: int, device) -> Optional[tuple]:
+    try:
+        t = load_file(str(path), device="cpu")
+    except Exception:  # missing, truncated or corrupt: recompute
+        return None
+    if t["S"].numel() < k:
+        return None
+    return tuple(t[n][..., :k].to(device) if n != "S" else t[n][:k].to(device) for n in ("U", "S", "V"))
+
+
+def _store_cached(path: Path, U, S, V) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({"U": U.contiguous().cpu(), "S": S.contiguous().cpu(), "V": V.contiguous().cpu()}, tmp)
+        os.replace(tmp, path)  # atomic: a reader never sees half a file
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@torch.no_grad()
+def decompose(
+    weight: torch.Tensor,
+    k: Optional[int] = None,
+    method: str = "auto",
+    oversample: int = 10,
+    power_iters: int = 4,
+    cache: bool = True,
+) -> Basis:
+    """Top-``k`` sign-canonical SVD of a 2-D weight, in float32.
+
+    Args:
+        weight: ``(out, in)`` matrix of any float dtype and device.
+        k: number of top triplets (default: all, ``min(out, in)``).
+        method: ``"exact"``, ``"randomized"`` or ``"auto"`` (exact when ``min(out, in) <= 1024`` or
+            ``k`` is over a quarter of it, else randomized).
+        oversample, power_iters: randomized SVD settings (extra probe columns, subspace iterations).
+        cache: read/write the on-disk cache keyed by the weight's hash.
+
+    Returns:
+        :class:`Basis` with ``U (out, k)``, ``S (k,)``, ``V (in, k)`` on the weight's device.
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"decompose expects a 2-D weight, got shape {tuple(weight.shape)}")
+    full = min(weight.shape)
+    k = full if k is None else int(k)
+    if not 1 <= k <= full:
+        raise ValueError(f"k={k} is out of range for a weight of shape {tuple(weight.shape)} (1..{full})")
+    if method == "auto":
+        method = "exact" if (full <= EXACT_MAX_DIM or 4 * k > full) else "randomized"
+    if method not in ("exact", "randomized"):
+        raise ValueError(f"unknown SVD method {method!r}: use 'exact', 'randomized' or 'auto'")
+    key = weight_hash(weight)
+    tag = method if method == "exact" else f"randomized-o{oversample}-p{power_iters}"
+    path = cache_dir() / f"{key}-{tag}.safetensors"
+    got = _load_cached(path, k, weight.device) if cache else None
+    if got is None:
+        W = weight.detach().float()
+        U, S, V = _exact(W, k) if method == "exact" else _randomized(W, k, oversample, power_iters)
+        U, V = canonicalize_signs(U, V)
+        if cache:
+            _store_cached(path, U, S, V)
+        got = (U, S, V)
+    U, S, V = got
+    return Basis(U.contiguous(), S.contiguous(), V.contiguous(), method, key)
