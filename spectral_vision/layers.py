@@ -74,6 +74,15 @@ class SpectralLayer(nn.Module):
         self.disabled = False
         self._original_weight: Optional[torch.Tensor] = None
 
+    # base attributes that model code reads directly (e.g. ``layer.weight.dtype``)
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self):
+        return self.base_layer.bias
+
     # ---- the reshape convention ----------------------------------------------------------------
     @property
     def weight_shape(self) -> tuple[int, int]:

@@ -73,19 +73,30 @@ def attach(
     if adapter_name in adapter_names(model):
         raise ValueError(f"adapter {adapter_name!r} already exists; pick another adapter_name or detach it")
 
+    # nn.MultiheadAttention reads out_proj.weight directly and never calls its forward: not adaptable
+    mha_owned = {f"{n}.out_proj" if n else "out_proj" for n, m in model.named_modules()
+                 if isinstance(m, nn.MultiheadAttention)}
+
     def supported(m):
         return isinstance(m, SpectralLayer) or layer_kind(m) is not None
+
+    def adaptable(name, m):
+        return supported(m) and name not in mha_owned
 
     if columns is not None:  # exact layer names (load_adapter, importance scoring)
         names = list(columns)
         present = dict(model.named_modules())
-        bad = [n for n in names if n not in present or not supported(present[n])]
+        bad = [n for n in names if n not in present or not adaptable(n, present[n])]
         if bad:
             raise ValueError(f"layers {bad[:5]} are not adaptable layers of {type(model).__name__} "
                              f"(is this the base model the adapter was trained on?)")
     else:
         names = match_targets(model, cfg.target_modules, cfg.exclude_modules, supported)
-        names = [n for n in names if not n.endswith(".base_layer")]
+        skipped = [n for n in names if n in mha_owned]
+        names = [n for n in names if not n.endswith(".base_layer") and n not in mha_owned]
+        if skipped and not names:
+            raise ValueError(f"{skipped[:3]} belong to nn.MultiheadAttention, whose forward uses the weight "
+                             "directly; adapt other layers (e.g. the MLP) instead")
     added: list[tuple[str, SpectralLayer, bool]] = []
     try:
         for name in tqdm(names, desc=f"attach {cfg.method}", disable=not progress or len(names) < 8):

@@ -30,8 +30,9 @@ PRESETS: dict[str, dict] = {
     "bert": {"regex": r".*\.(query|key|value|dense)", "family": "transformers"},
     # GPT-2 (transformers Conv1D layers)
     "gpt2": {"regex": r".*\.(c_attn|c_proj|c_fc)", "family": "transformers"},
-    # open_clip towers: attention out_proj and MLP (nn.MultiheadAttention's fused in_proj is not a module)
-    "open_clip": {"regex": r".*resblocks\.\d+\.(attn\.out_proj|mlp\.c_fc|mlp\.c_proj)", "family": "open_clip"},
+    # open_clip towers: the MLPs (nn.MultiheadAttention uses its in/out projection weights directly
+    # without calling the submodules, so attention is not adaptable by module replacement)
+    "open_clip": {"regex": r".*resblocks\.\d+\.mlp\.(c_fc|c_proj)", "family": "open_clip"},
 }
 
 

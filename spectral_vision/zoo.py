@@ -89,3 +89,15 @@ def tiny_gpt2(**kw) -> nn.Module:
     cfg = dict(n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=128)
     cfg.update(kw)
     return GPT2LMHeadModel(GPT2Config(**cfg))
+
+
+@register_model
+def tiny_open_clip(**kw) -> nn.Module:
+    """open_clip ``CLIP`` (ViT image tower + text transformer), shrunk: 32 px, width 64/32, 2 layers each."""
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    vision = dict(layers=2, width=64, head_width=32, patch_size=8, image_size=32)
+    text = dict(context_length=77, vocab_size=49408, width=32, heads=4, layers=2)
+    vision.update(kw.pop("vision", {}))
+    text.update(kw.pop("text", {}))
+    return CLIP(embed_dim=kw.pop("embed_dim", 32), vision_cfg=CLIPVisionCfg(**vision), text_cfg=CLIPTextCfg(**text), **kw)

@@ -206,3 +206,27 @@ def test_trainable_parameters_count():
     assert count.trainable == 2 * per_block
     assert count.percent == pytest.approx(100 * count.trainable / base)
     assert "trainable%" in str(count)
+
+
+def test_open_clip_towers_and_mha_refusal(tmp_path):
+    model = create_model("tiny-open-clip")
+    image, text = torch.randn(2, 3, 32, 32), torch.randint(0, 49408, (2, 77))
+
+    def feats(m):
+        with torch.no_grad():
+            return torch.cat([m.encode_image(image), m.encode_text(text)], 1)
+
+    f0 = feats(model)
+    sv.attach(model, sv.SpectralConfig(method="spectral_r", rank=2, target_modules="open_clip"))
+    assert len(list(sv.spectral_layers(model))) == 8  # 2 towers x 2 blocks x (c_fc, c_proj)
+    assert (feats(model) - f0).abs().max() <= 1e-5
+    perturb(model, std=0.3)
+    f1 = feats(model)
+    assert (f1 - f0).abs().max() > 1e-4
+    sv.save_adapter(model, tmp_path / "clip")
+    fresh = create_model("tiny-open-clip")
+    sv.load_adapter(fresh, tmp_path / "clip")
+    torch.testing.assert_close(feats(fresh), f1, atol=1e-5, rtol=1e-5)
+    # out_proj inside nn.MultiheadAttention is never called as a module: refuse instead of silently doing nothing
+    with pytest.raises(ValueError, match="MultiheadAttention"):
+        sv.attach(create_model("tiny-open-clip"), sv.SpectralConfig(target_modules=["out_proj"]))
