@@ -20,11 +20,12 @@ from .model import (
     spectral_layers, adapter_names, adapter_config, trainable_parameters, ParamCount,
 )
 from .io import save_adapter, load_adapter, read_adapter, AdapterFileError
+from .export import export_lora
 
 __all__ = [
     "SpectralConfig", "Basis", "decompose", "canonicalize_signs", "SpectralDelta", "register_method",
     "get_method", "available_methods", "SpectralLayer", "PRESETS", "attach", "detach", "set_adapter",
     "enable_adapters", "disable_adapters", "merge", "unmerge", "merge_and_unload", "spectral_layers",
     "adapter_names", "adapter_config", "trainable_parameters", "ParamCount", "save_adapter",
-    "load_adapter", "read_adapter", "AdapterFileError",
+    "load_adapter", "read_adapter", "AdapterFileError", "export_lora",
 ]
