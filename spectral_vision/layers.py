@@ -115,7 +115,7 @@ class SpectralLayer(nn.Module):
         cls = get_method(cfg.method)
         out_f, in_f = self.weight_shape
         cols = list(columns) if columns is not None else cls.default_columns(cfg, out_f, in_f)
-        k = max(cls.num_components(cfg, out_f, in_f), max(cols) + 1)
+        k = max(cls.num_components(cfg, out_f, in_f), max(cols, default=-1) + 1)  # cols may be empty
         if k > min(out_f, in_f):
             raise ValueError(
                 f"{cfg.method} needs singular columns up to {k - 1} but this layer's weight ({out_f}x{in_f}) "
