@@ -21,6 +21,8 @@ or a ``*.tmp`` folder that :func:`list_checkpoints` / ``"latest"`` ignore (and t
 ``param_groups([(module, lr), ...])``    optimizer groups of the trainable parameters (fp32 checked)
 ``cast_frozen_(model, dtype)``           cast frozen weights for mixed precision; adapters stay fp32
 ``step_seed(seed, *keys)``               a 63-bit seed from ``(seed, epoch, step, rank, ...)``
+``atomic_write_json(path, obj)``         write a JSON file atomically (temp file + ``os.replace``)
+``atomic_write_json(path, obj)``         write a JSON file atomically (temp file + ``os.replace``)
 =====================================  ===============================================================
 """
 from __future__ import annotations
@@ -30,6 +32,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
@@ -39,13 +42,30 @@ from torch import nn
 
 __all__ = ["CHECKPOINT_PREFIX", "COMPLETE_MARKER", "list_checkpoints", "checkpoint_info", "resolve_resume",
            "rotate_checkpoints", "save_checkpoint", "save_accelerate_checkpoint", "param_groups", "cast_frozen_",
-           "step_seed"]
+           "step_seed", "atomic_write_json"]
 
 CHECKPOINT_PREFIX = "checkpoint-"
 COMPLETE_MARKER = "checkpoint_complete.json"
 _NAME = re.compile(rf"{CHECKPOINT_PREFIX}(\d+)")
 
 PathLike = Union[str, os.PathLike]
+
+
+def atomic_write_json(path: PathLike, obj, indent: int = 1) -> Path:
+    """Write ``obj`` as JSON to ``path`` atomically (a reader sees the old file or the new one, never half)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=indent, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
 
 
 # ---- finding checkpoints --------------------------------------------------------------------------------
@@ -130,11 +150,7 @@ def save_checkpoint(output_dir: PathLike, step: int, save_fn: Callable[[str], ob
     save_fn(str(tmp))
     barrier()
     if is_main_process:
-        marker = tmp / COMPLETE_MARKER
-        with open(marker, "w") as f:
-            json.dump({"step": int(step), "time": time.time(), "info": info or {}}, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
+        atomic_write_json(tmp / COMPLETE_MARKER, {"step": int(step), "time": time.time(), "info": info or {}})
         if final.exists():  # re-saving a step (resumed from an older checkpoint): replace it
             old = out / f"{CHECKPOINT_PREFIX}{step}.old.tmp"
             os.rename(final, old)
@@ -194,3 +210,16 @@ def step_seed(seed: int, *keys: int) -> int:
     from ``torch.Generator().manual_seed(step_seed(...))`` replays exactly after a resume."""
     h = hashlib.blake2b(repr((int(seed),) + tuple(int(k) for k in keys)).encode(), digest_size=8)
     return int.from_bytes(h.digest(), "little") >> 1
+
+
+def atomic_write_json(path: PathLike, obj) -> Path:
+    """Write ``obj`` as JSON to ``path`` atomically: a reader (or a resumed sweep) sees the whole file or none."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
