@@ -59,7 +59,7 @@ class FusionResult:
     concepts: list[str]
     weights: list[float]
     overlap: OverlapReport
-    seconds: float  # wall time of the fusion itself (loading adapter files excluded, recording included)
+    seconds: float  # wall time of the fusion (adapter loading excluded; least_squares: input recording included)
     layers: list[str] = field(default_factory=list)
     metrics: Optional[Any] = None  # fusion.metrics.InterferenceReport when computed
     info: dict = field(default_factory=dict)  # mode-specific numbers (least squares objective, ...)
@@ -279,13 +279,15 @@ def fuse(
         if any(not c for c in cols.values()):
             raise ValueError(f"spectral mode needs spectral_vision adapters; {[n for n, c in cols.items() if not c]} "
                              "are not (use mode='lora_sum' for PEFT LoRA concepts)")
-    t0 = time.perf_counter()
     layers = adapted_layers(model, names)
-    grams, info = None, {}
+    grams, info, t_rec = None, {}, 0.0
     if inputs is not None and (metrics or mode == "least_squares"):
         from .record import record_grams
 
+        t_rec = time.perf_counter()
         grams = record_grams(model, names, inputs, run_fn, [l for _, l, _ in layers], progress=progress)
+        t_rec = time.perf_counter() - t_rec
+    t0 = time.perf_counter()
     if mode == "least_squares":
         from .record import least_squares_weights
 
@@ -295,7 +297,8 @@ def fuse(
     else:
         fused = {ln: fused_weights(layer, names, weights, mode)
                  for ln, layer, _ in tqdm(layers, desc=f"fuse {mode}", disable=not progress or len(layers) < 8)}
-    seconds = time.perf_counter() - t0
+    seconds = time.perf_counter() - t0 + (t_rec if mode == "least_squares" else 0.0)
+    info["seconds_record"] = t_rec
     report = None
     if metrics:
         from .metrics import interference
