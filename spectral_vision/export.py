@@ -58,8 +58,9 @@ def lora_factors(layer: SpectralLayer, adapter_name: str = "default",
 
     ``R' = R`` (the method's exact factor rank) unless ``R > min(out, in)`` or ``R > max_rank``,
     in which case ``ΔW`` is truncated to ``R' = min(out, in, max_rank)`` singular triplets
-    (split as ``B = U √S``, ``A = √S Vᵀ``). ``info``: ``factor_rank``, ``rank``, ``exact``,
-    ``rel_error`` (``‖ΔW − B A‖_F / ‖ΔW‖_F``, measured against :meth:`delta_weight` for every layer).
+    (split as ``B = U √S``, ``A = √S Vᵀ``). ``info``: ``factor_rank`` (R), ``rank`` (R'), ``exact``,
+    ``truncated_to`` (``None`` or R'), ``rel_error`` (``‖ΔW − B A‖_F / ‖ΔW‖_F``, measured against
+    :meth:`delta_weight` for every layer: rounding level when exact or when ``R' = min(out, in)``).
     """
     delta = layer.adapters[adapter_name]
     B, A = (t.detach().float().cpu() for t in delta.factors())  # (out, R), (R, in)
@@ -74,7 +75,8 @@ def lora_factors(layer: SpectralLayer, adapter_name: str = "default",
         B, A = basis.U * root, (basis.V * root).T  # (out, k), (k, in)
     norm = float(dW.norm())
     err = float((dW - B @ A).norm()) / norm if norm > 0 else 0.0
-    return B.contiguous(), A.contiguous(), {"factor_rank": R, "rank": B.shape[1], "exact": exact, "rel_error": err}
+    return B.contiguous(), A.contiguous(), {"factor_rank": R, "rank": B.shape[1], "exact": exact,
+                                            "truncated_to": None if exact else limit, "rel_error": err}
 
 
 def _components(models, prefix: Optional[str]) -> dict[str, nn.Module]:
@@ -135,7 +137,7 @@ def export_lora(
 
     Returns:
         ``{"path", "format", "adapter_name", "exact", "max_rel_error", "layers": {module key: {"component",
-        "module", "kind", "shape", "factor_rank", "rank", "exact", "rel_error"}}, "peft_config": {component:
+        "module", "kind", "shape", "factor_rank", "rank", "exact", "truncated_to", "rel_error"}}, "peft_config": {component:
         LoraConfig kwargs (r, lora_alpha, rank_pattern, alpha_pattern, target_modules, fan_in_fan_out)}}``.
     """
     if format not in FORMATS:
@@ -183,7 +185,7 @@ def export_lora(
     if lossy:
         worst = max(v["rel_error"] for v in lossy.values())
         warnings.warn(f"export_lora: {len(lossy)} layer(s) truncated by SVD to rank "
-                      f"{sorted({v['rank'] for v in lossy.values()})} (max relative error {worst:.3e}); "
+                      f"{sorted({v['truncated_to'] for v in lossy.values()})} (max relative error {worst:.3e}); "
                       f"see the returned report's 'layers'", stacklevel=2)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
