@@ -1,5 +1,6 @@
 """transformers integration (Trainer, accelerate, gradient checkpointing, bf16, saving) and training/llm_finetune.py."""
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -137,13 +138,20 @@ def test_trainer_bf16_and_accelerate_step(tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path / "t"), max_steps=2, per_device_train_batch_size=4, bf16=True,
                              use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True, learning_rate=1e-2)
     assert svt.SpectralTrainer(model=model, args=args, train_dataset=ds).train().global_step == 2
-    acc = Accelerator(cpu=True, mixed_precision="bf16")
-    model2 = svt.prepare_model_for_training(build("tiny-gpt2"), method="lora", rank=2)
-    opt = torch.optim.AdamW([p for p in model2.parameters() if p.requires_grad], lr=1e-2)
-    model2, opt = acc.prepare(model2, opt)
-    before = {n: p.detach().clone() for n, p in model2.named_parameters() if p.requires_grad}
-    acc.backward(model2(**batch("tiny-gpt2")).loss)
-    opt.step()
+    from accelerate.state import AcceleratorState
+
+    try:
+        acc = Accelerator(cpu=True, mixed_precision="bf16")
+        model2 = svt.prepare_model_for_training(build("tiny-gpt2"), method="lora", rank=2)
+        opt = torch.optim.AdamW([p for p in model2.parameters() if p.requires_grad], lr=1e-2)
+        model2, opt = acc.prepare(model2, opt)
+        before = {n: p.detach().clone() for n, p in model2.named_parameters() if p.requires_grad}
+        with acc.autocast():
+            loss = model2(**batch("tiny-gpt2")).loss
+        acc.backward(loss)
+        opt.step()
+    finally:
+        AcceleratorState._reset_state(True)  # the state is a process-wide singleton: leave none behind
     assert any(not torch.equal(p, before[n]) for n, p in model2.named_parameters() if p.requires_grad)
     out = svt.save_pretrained(acc.unwrap_model(model2), tmp_path / "lora")  # PEFT baseline: trainable tensors
     fresh = svt.prepare_model_for_training(build("tiny-gpt2"), method="lora", rank=2)
@@ -152,3 +160,75 @@ def test_trainer_bf16_and_accelerate_step(tmp_path):
         if p.requires_grad:
             torch.testing.assert_close(p, dict(acc.unwrap_model(model2).named_parameters())[n])
     assert json.loads((out / "adapter_meta.json").read_text())["model_class"] == "GPT2LMHeadModel"
+
+
+# ---- training/llm_finetune.py -------------------------------------------------------------------------------
+def _word_tokenizer(texts):
+    """A real fast tokenizer (word level) built from the data, so the test needs no vocabulary download."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted({w for t in texts for w in t.lower().split()})
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[EOS]"] + words)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.normalizer = None
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]")
+
+
+def _llm_finetune():
+    import llm_finetune
+
+    return llm_finetune
+
+
+def test_llm_finetune_classification_two_steps_and_resume(tmp_path):
+    lf = _llm_finetune()
+    rows = [{"text": f"{w} news about {w} today", "label": w} for w in ("sport", "money", "music") for _ in range(6)]
+    for split, rs in (("train", rows), ("val", rows[::2])):
+        (tmp_path / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rs))
+    model_dir = tmp_path / "tiny-bert"
+    tiny_bert().save_pretrained(model_dir)
+    tok = _word_tokenizer([r["text"] for r in rows])
+    tok.save_pretrained(model_dir)
+    common = ["--model_name_or_path", str(model_dir), "--train_file", str(tmp_path / "train.jsonl"),
+              "--validation_file", str(tmp_path / "val.jsonl"), "--method", "spectral_a", "--rank", "2",
+              "--per_device_train_batch_size", "4", "--learning_rate", "1e-2", "--quiet",
+              "--output_dir", str(tmp_path / "out"), "--checkpointing_steps", "1", "--train_per_class", "4"]
+    res = lf.main(lf.parse_args(common + ["--max_train_steps", "2"]))
+    assert res["steps"] == 2 and res["train_size"] == 12 and res["classes"] == ["money", "music", "sport"]
+    assert 0 <= res["metrics"]["accuracy"] <= 100 and res["eval_size"] == 9
+    assert res["params"]["head"] == 32 * 3 + 3 and res["params"]["adapter"] > 0
+    assert (tmp_path / "out" / "checkpoint-2" / "adapter" / "adapter_config.json").exists()
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["steps"] == 2
+    # resume from the latest checkpoint: continues at step 2, runs one more
+    res3 = lf.main(lf.parse_args(common + ["--max_train_steps", "3", "--resume_from_checkpoint", "latest"]))
+    assert res3["steps"] == 3 and len(res3["train_loss"]) == 1
+    # a PEFT baseline through the same recipe
+    res_l = lf.main(lf.parse_args(common[:-6] + ["--output_dir", str(tmp_path / "lora"), "--max_train_steps", "2"]
+                                  + ["--method", "lora"]))
+    assert res_l["params"]["adapter"] == sum(2 * (o + i) for o, i in [(32, 32)] * 8 + [(64, 32), (32, 64)] * 2
+                                             + [(32, 32)])  # q,k,v,attn-out x2 layers, ffn in/out, pooler
+
+
+def test_llm_finetune_causal_lm_two_steps(tmp_path):
+    lf = _llm_finetune()
+    rows = [{"prompt": f"question {i} : what is {i} plus one ?", "response": f"answer {i + 1}"} for i in range(8)]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    tok = _word_tokenizer([r["prompt"] + " " + r["response"] for r in rows])
+    model_dir = tmp_path / "tiny-llama"
+    create_model("tiny-llama", vocab_size=len(tok)).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    args = lf.parse_args(["--task", "causal_lm", "--model_name_or_path", str(model_dir), "--train_file",
+                          str(tmp_path / "train.jsonl"), "--validation_file", str(tmp_path / "train.jsonl"),
+                          "--method", "spectral_r", "--rank", "2", "--max_train_steps", "2",
+                          "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "out"), "--quiet",
+                          "--gradient_checkpointing"])
+    # prompt tokens are masked out of the loss
+    enc = lf.encode(rows[:1], tok, args, [])[0]
+    n_prompt = len(tok(rows[0]["prompt"])["input_ids"])
+    assert enc["labels"][:n_prompt] == [-100] * n_prompt and enc["labels"][n_prompt:] == enc["input_ids"][n_prompt:]
+    res = lf.main(args)
+    assert res["steps"] == 2 and math.isfinite(res["metrics"]["eval_loss"]) and res["metrics"]["perplexity"] > 1
+    assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").exists()
