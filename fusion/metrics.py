@@ -46,7 +46,7 @@ def principal_angles(Q1: torch.Tensor, Q2: torch.Tensor) -> tuple[float, float]:
     """``(overlap, smallest principal angle in degrees)`` between two orthonormal bases."""
     if Q1.shape[1] == 0 or Q2.shape[1] == 0:
         return 0.0, 90.0
-    c = torch.linalg.svdvals(Q1.T @ Q2).clamp(max=1.0)  # cosines of the principal angles
+    c = torch.linalg.svdvals(Q1.double().T @ Q2.double()).clamp(max=1.0)  # cosines of the principal angles
     overlap = float((c ** 2).sum()) / min(Q1.shape[1], Q2.shape[1])
     return overlap, math.degrees(math.acos(float(c.max())))
 
