@@ -22,7 +22,6 @@ or a ``*.tmp`` folder that :func:`list_checkpoints` / ``"latest"`` ignore (and t
 ``cast_frozen_(model, dtype)``           cast frozen weights for mixed precision; adapters stay fp32
 ``step_seed(seed, *keys)``               a 63-bit seed from ``(seed, epoch, step, rank, ...)``
 ``atomic_write_json(path, obj)``         write a JSON file atomically (temp file + ``os.replace``)
-``atomic_write_json(path, obj)``         write a JSON file atomically (temp file + ``os.replace``)
 =====================================  ===============================================================
 """
 from __future__ import annotations
@@ -211,15 +210,3 @@ def step_seed(seed: int, *keys: int) -> int:
     h = hashlib.blake2b(repr((int(seed),) + tuple(int(k) for k in keys)).encode(), digest_size=8)
     return int.from_bytes(h.digest(), "little") >> 1
 
-
-def atomic_write_json(path: PathLike, obj) -> Path:
-    """Write ``obj`` as JSON to ``path`` atomically: a reader (or a resumed sweep) sees the whole file or none."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path

@@ -1,0 +1,278 @@
+"""VTAB-1k tooling: task table, data validation, timm loading, train -> sweep -> report, resume after kill.
+
+Runs on the offline fixture (real images from scikit-learn / scikit-image, 32 px) with the tiny timm
+ViT from the zoo, 1-3 epochs per run.
+"""
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "training"))
+
+import make_vtab_fixture  # noqa: E402
+import vtab_report  # noqa: E402
+import vtab_sweep  # noqa: E402
+import vtab_train  # noqa: E402
+from vtab_data import NORMALIZATIONS, VTABDataError, VTABDataset, validate_task  # noqa: E402
+from vtab_tasks import GROUPS, TASKS, resolve_task, resolve_tasks  # noqa: E402
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models on a shared 2-core machine: one torch thread is ~30x faster than oversubscribed threads."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+TINY = ["--model", "zoo:tiny-vit", "--image_size", "32", "--num_workers", "0", "--warmup_epochs", "0"]
+
+
+@pytest.fixture(scope="module")
+def fixture_root(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("vtab") / "data")
+    make_vtab_fixture.main(make_vtab_fixture.parse_args(["--out", root, "--tasks", "svhn", "dtd", "--small",
+                                                         "--size", "32"]))
+    return root
+
+
+def _copy_task(root, tmp_path, task="dtd", marker=True):
+    dst = str(tmp_path / "broken")
+    shutil.copytree(os.path.join(root, task), os.path.join(dst, task))
+    if marker:
+        shutil.copy(os.path.join(root, "vtab_fixture.json"), dst)
+    return dst
+
+
+def _rewrite(path, fn):
+    with open(path) as f:
+        lines = f.read().splitlines()
+    with open(path, "w") as f:
+        f.write("\n".join(fn(lines)) + "\n")
+
+
+def test_task_table():
+    assert len(TASKS) == 19 and [len(GROUPS[g]) for g in ("natural", "specialized", "structured")] == [7, 4, 8]
+    assert sum(t.num_classes for t in TASKS.values()) == 100 + 102 + 47 + 102 + 37 + 10 + 397 + 2 + 10 + 45 + 5 + 8 + 6 \
+        + 6 + 4 + 16 + 16 + 18 + 9
+    for alias, name in [("cifar100", "cifar"), ("oxford_pet", "oxford_iiit_pet"), ("flowers102", "oxford_flowers102"),
+                        ("pets", "oxford_iiit_pet"), ("Smallnorb-Azi", "smallnorb_azi")]:
+        assert resolve_task(alias).name == name
+    assert [t.name for t in resolve_tasks(["specialized", "eurosat"])] == GROUPS["specialized"]
+    with pytest.raises(ValueError, match="did you mean"):
+        resolve_task("cifar1000")
+
+
+def test_validation_errors(fixture_root, tmp_path):
+    validate_task(fixture_root, "dtd")  # the fixture passes (its marker allows the reduced splits)
+    strict = _copy_task(fixture_root, tmp_path / "a", marker=False)
+    with pytest.raises(VTABDataError, match=r"task 'dtd': split 'train800' has 24 images, VTAB-1k requires 800"):
+        validate_task(strict, "dtd")
+    validate_task(strict, "dtd", allow_small_splits=True)
+
+    wrong = _copy_task(fixture_root, tmp_path / "b")  # more lines than VTAB allows: never accepted
+    _rewrite(os.path.join(wrong, "dtd", "val200.txt"), lambda ls: ls * 17)
+    with pytest.raises(VTABDataError, match=r"'dtd': split 'val200' has 204 images, VTAB-1k requires 200"):
+        validate_task(wrong, "dtd")
+
+    label = _copy_task(fixture_root, tmp_path / "c")
+    _rewrite(os.path.join(label, "dtd", "test.txt"), lambda ls: [ls[0].rsplit(" ", 1)[0] + " 47"] + ls[1:])
+    with pytest.raises(VTABDataError, match=r"'dtd': split 'test' has 1 labels outside \[0, 46\] \(47 classes\)"):
+        validate_task(label, "dtd")
+
+    missing = _copy_task(fixture_root, tmp_path / "d")
+    os.remove(os.path.join(missing, "dtd", "images", "train800", "000003.jpg"))
+    with pytest.raises(VTABDataError, match=r"'dtd': split 'train800' lists 1 missing image files.*000003.jpg"):
+        validate_task(missing, "dtd")
+    with pytest.raises(VTABDataError, match="'dtd'.*missing image"):  # also via the dataset and the train script
+        vtab_train.main(vtab_train.parse_args(["--data_root", missing, "--task", "dtd", "--epochs", "1", *TINY]))
+
+    garbled = _copy_task(fixture_root, tmp_path / "e")
+    _rewrite(os.path.join(garbled, "dtd", "train800.txt"), lambda ls: ["images/train800/000000.jpg"] + ls[1:])
+    with pytest.raises(VTABDataError, match=r"'dtd': .*train800.txt:1: expected '<image path> <label>'"):
+        validate_task(garbled, "dtd")
+    os.remove(os.path.join(garbled, "dtd", "test.txt"))
+    with pytest.raises(VTABDataError, match="'dtd': split file .*test.txt is missing"):
+        validate_task(garbled, "dtd", splits=["test"])
+
+
+def test_normalizations_exact(fixture_root):
+    ds = {n: VTABDataset(fixture_root, "svhn", "val200", image_size=32, normalization=n) for n in NORMALIZATIONS}
+    x0, y0 = ds["none"][5]
+    assert x0.shape == (3, 32, 32) and 0 <= x0.min() and x0.max() <= 1 and x0.max() > 0.5
+    torch.testing.assert_close(ds["half"][5][0], (x0 - 0.5) / 0.5, rtol=0, atol=1e-6)
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in NORMALIZATIONS["imagenet"])
+    torch.testing.assert_close(ds["imagenet"][5][0], (x0 - mean) / std, rtol=0, atol=1e-6)
+    assert ds["none"][5][1] == y0 == int(open(os.path.join(fixture_root, "svhn", "val200.txt")).read().split()[11])
+    # direct bicubic resize, no crop: a streamed (not preloaded) test split gives the same pixels as preloading
+    a, b = (VTABDataset(fixture_root, "svhn", "test", image_size=24, normalization="none", preload=p) for p in (0, 1))
+    assert torch.equal(a[3][0], b[3][0]) and a[3][0].shape == (3, 24, 24)
+
+
+def test_load_vit_local_files(tmp_path):
+    from safetensors.torch import save_file
+
+    from spectral_vision.integrations.timm import load_vit
+
+    src = load_vit("zoo:tiny-vit", num_classes=10, image_size=32)
+    arch = dict(patch_size=8, embed_dim=64, depth=2, num_heads=4)
+    save_file(src.state_dict(), str(tmp_path / "w.safetensors"))
+    torch.save({"model": src.state_dict()}, tmp_path / "w.pth")
+    for f in ("w.safetensors", "w.pth"):
+        m = load_vit("vit_base_patch16_224", num_classes=3, checkpoint_path=str(tmp_path / f), image_size=32, **arch)
+        assert torch.equal(m.blocks[1].mlp.fc2.weight, src.blocks[1].mlp.fc2.weight)
+        assert m.head.out_features == 3 and m.blocks[1].drop_path1.drop_prob == pytest.approx(0.1)
+    m = load_vit(str(tmp_path / "w.safetensors"), num_classes=5, image_size=48, **arch)  # a bare file path
+    assert m.pos_embed.shape == (1, 1 + 6 * 6, 64)  # resampled from 4x4 to 6x6 patches
+    with pytest.raises(ValueError, match="does not fit"):
+        load_vit("vit_base_patch16_224", num_classes=3, checkpoint_path=str(tmp_path / "w.pth"), image_size=32,
+                 patch_size=8, embed_dim=64, depth=3, num_heads=4)
+
+
+def _load_runs(out):
+    return [json.load(open(p)) for p in sorted(glob.glob(os.path.join(out, "runs", "*.json")))]
+
+
+def test_train_sweep_report_cycle(fixture_root, tmp_path):
+    out = str(tmp_path / "sweep")
+    argv = ["--data_root", fixture_root, "--output_dir", out, "--tasks", "svhn", "dtd", "--methods",
+            "spectral_a:rank=2", "lora:rank=2", "--grid", "lr=1e-3,3e-2", "--protocols", "honest", "legacy",
+            "--normalization", "half", "--epochs", "2", *TINY]
+    results = vtab_sweep.main(vtab_sweep.parse_args(argv))
+    assert [r["status"] for r in results] == ["done"] * 20  # 2 tasks x 2 methods x (2 select + 1 final + 2 legacy)
+    runs = _load_runs(out)
+    assert len(runs) == 20 and {(r["protocol"], r["stage"]) for r in runs} == {
+        ("honest", "select"), ("honest", "final"), ("legacy", "final")}
+    for r in runs:
+        assert r["normalization"] == r["config"]["normalization"] == "half" and r["data"]["fixture"]
+        per_block = (3 * 64 + 64) + (64 + 64) + (256 + 64) + (64 + 256)  # qkv, proj, fc1, fc2: (out + in) per rank
+        head = 64 * r["num_classes"] + r["num_classes"]
+        assert r["params"] == {"trainable": 2 * 2 * per_block + head, "trainable_without_head": 2 * 2 * per_block,
+                               "head": head, "total": r["params"]["total"]}
+        assert r["time_s"] > 0 and r["peak_memory_mb"]["process_rss"] > 0
+        want = {"select": ("train800", "val200", 24), "final": ("train800val200", "test", 36)}[r["stage"]]
+        ph = r["phases"][r["stage"]]
+        assert (ph["train_split"], ph["eval_split"], ph["train_size"]) == want
+    honest_final = [r for r in runs if r["protocol"] == "honest" and r["stage"] == "final"]
+    for r in honest_final:  # the selection picked the best val200 setting, and the final run used it
+        cands = r["selection"]["candidates"]
+        best = max(cands, key=lambda c: c["val200_acc"])
+        assert r["selection"]["chosen"] == best["setting"] and r["config"]["lr"] == float(best["setting"]["lr"])
+        assert r["reported"] == {"metric": "test_acc_last_epoch", "value": r["phases"]["final"]["last_acc"]}
+        assert len(r["phases"]["final"]["curve"]) == 1  # honest: test is looked at once, after the last epoch
+    for r in (r for r in runs if r["protocol"] == "legacy"):
+        assert r["reported"]["metric"] == "test_acc_best_epoch" and len(r["phases"]["final"]["curve"]) == 2
+
+    rep = str(tmp_path / "report")
+    summaries = vtab_report.main(vtab_report.parse_args(["--results", out, "--out", rep]))
+    by = {(s["protocol"], s["label"]): s for s in summaries}
+    assert set(by) == {(p, m) for p in ("honest", "legacy") for m in ("spectral_a:rank=2", "lora:rank=2")}
+    for (proto, label), s in by.items():
+        mine = [r for r in runs if r["protocol"] == proto and r["label"] == label and r["stage"] == "final"]
+        for task in ("svhn", "dtd"):
+            vals = [r["reported"]["value"] for r in mine if r["task"] == task]
+            assert s["tasks"][task]["mean"] == pytest.approx(max(vals))  # honest: one final; legacy: best setting
+        assert s["averages"]["natural"] == (pytest.approx(np.mean([s["tasks"]["svhn"]["mean"],
+                                                                   s["tasks"]["dtd"]["mean"]])), 2, 7)
+        assert s["averages"]["mean_of_group_means"][1:] == (1, 3) and s["averages"]["structured"][0] is None
+    md = open(os.path.join(rep, "results.md")).read()
+    assert "FIXTURE DATA" in md and "| published | SpecLoRA |" in md and "76.7" in md and "| honest | lora:rank=2 |" in md
+    header = md.split("\n| protocol")[1].split("\n")[0]
+    assert header.count("|") == 2 + 19 + 3 + 2 + 4  # method, 19 tasks, 3 group means, 2 averages, 4 more
+    csv_rows = open(os.path.join(rep, "results.csv")).read().splitlines()
+    assert len(csv_rows) == 1 + 4 + 4 and csv_rows[1].startswith("honest,")
+    assert os.path.getsize(os.path.join(rep, "acc_vs_params.png")) > 1000
+    assert os.path.getsize(os.path.join(rep, "per_task.png")) > 1000
+
+
+def _fake(task, seed, value, protocol="honest", stage="final", label="m", lr=1e-3, params=100):
+    return {"schema": vtab_report.SCHEMA, "task": task, "seed": seed, "protocol": protocol, "stage": stage,
+            "label": label, "reported": {"value": value}, "finished_at": f"2026-01-01T00:00:{seed:02d}",
+            "params": {"trainable": params + 10, "trainable_without_head": params}, "normalization": "imagenet",
+            "time_s": 1.0, "peak_memory_mb": {"gpu_allocated": None}, "data": {"fixture": False}, "config": {"lr": lr}}
+
+
+def test_report_math_on_synthetic_results():
+    """Group means, both averages and seed std, checked against hand-computed numbers."""
+    rs = []
+    for seed, shift in ((0, 0.0), (1, 2.0)):  # every task: seed 0 -> base, seed 1 -> base + 2
+        for i, t in enumerate(TASKS):
+            rs.append(_fake(t, seed, 50.0 + i + shift))
+            rs.append(_fake(t, seed, 99.0, stage="select"))  # never reported
+            rs += [_fake(t, seed, 40.0 + i + shift, "legacy", lr=lr) for lr in (1e-3, 1e-2)]
+            rs[-1]["reported"]["value"] += 5  # legacy: the best setting counts
+    s = {(x["protocol"], x["label"]): x for x in (vtab_report.summarize(k, r)
+                                                  for k, r in vtab_report.collect(rs).items())}
+    h, lg = s[("honest", "m")], s[("legacy", "m")]
+    idx = {t: i for i, t in enumerate(TASKS)}
+    nat, spe, stru = (np.mean([50.0 + idx[t] + 1 for t in GROUPS[g]]) for g in ("natural", "specialized", "structured"))
+    assert h["averages"]["natural"] == (pytest.approx(nat), 7, 7)
+    assert h["averages"]["mean_of_group_means"] == (pytest.approx((nat + spe + stru) / 3), 3, 3)
+    assert h["averages"]["mean_of_19"] == (pytest.approx(50.0 + 9 + 1), 19, 19)
+    assert h["tasks"]["dtd"] == {"mean": 53.0, "std": pytest.approx(np.sqrt(2.0)), "n": 2}
+    assert h["averages_std"]["mean_of_19"] == pytest.approx(np.sqrt(2.0))
+    assert lg["tasks"]["cifar"]["mean"] == 46.0 and lg["averages"]["mean_of_19"][0] == pytest.approx(55.0)
+    assert h["params_without_head"] == 100 and h["params_with_head"] == 110 and h["seeds"] == [0, 1]
+
+
+def test_training_learns_and_hash(fixture_root, tmp_path):
+    from accelerate import Accelerator
+
+    from spectral_vision.zoo import create_model
+
+    argv = ["--data_root", fixture_root, "--task", "svhn", "--method", "spectral_a", "--rank", "8", "--lr", "3e-3",
+            "--epochs", "8", "--batch_size", "8", "--drop_path", "0", "--protocol", "legacy", "--output_dir",
+            str(tmp_path), "--quiet", *TINY]
+    args = vtab_train.parse_args(argv)
+    phase, params, model = vtab_train.train_phase(args, resolve_task("svhn"), "train800val200", "test", True,
+                                                  Accelerator())
+    base = create_model("tiny-vit", img_size=32)  # the same seeded weights load_vit("zoo:tiny-vit") starts from
+    assert torch.equal(model.blocks[1].attn.qkv.base_layer.weight, base.blocks[1].attn.qkv.weight)  # base frozen
+    assert model.blocks[1].attn.qkv.adapters["default"].A_U.abs().max() > 0  # the adapter trained
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "adapters" not in n and "head" not in n)
+    assert phase["train_loss"][-1] < phase["train_loss"][0], phase["train_loss"]
+    r = vtab_train.main(args)
+    assert r["protocol"] == "legacy" and r["stage"] == "final" and len(r["phases"]["final"]["curve"]) == 8
+    assert r["phases"]["final"]["train_loss"] == phase["train_loss"]  # seeded: the same run again
+    assert r["reported"]["value"] == max(acc for _, acc in r["phases"]["final"]["curve"])
+    a = vtab_train.parse_args(argv)
+    b = vtab_train.parse_args(argv + ["--output_dir", "/elsewhere", "--num_workers", "3", "--label", "x"])
+    c = vtab_train.parse_args(argv + ["--normalization", "none"])
+    assert vtab_train.config_hash(a) == vtab_train.config_hash(b) != vtab_train.config_hash(c)
+    assert vtab_train.parse_args(argv[:2] + ["--task", "cifar100"] + argv[4:]).task == "cifar"
+
+
+def test_sweep_resumes_after_kill(fixture_root, tmp_path):
+    out = str(tmp_path / "sweep")
+    argv = ["--data_root", fixture_root, "--output_dir", out, "--tasks", "svhn", "dtd", "--methods", "spectral_a:rank=2",
+            "linear", "--seeds", "0", "1", "--epochs", "3", *TINY]
+    total = 2 * 2 * 2
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "training", "vtab_sweep.py"), *argv],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    try:
+        while not glob.glob(os.path.join(out, "runs", "*.json")) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    before = {p: (os.stat(p).st_mtime_ns, open(p).read()) for p in glob.glob(os.path.join(out, "runs", "*.json"))}
+    assert 1 <= len(before) < total, "the sweep must be killed mid-way for this test to mean anything"
+    results = vtab_sweep.main(vtab_sweep.parse_args(argv))
+    status = {r["path"]: r["status"] for r in results}
+    assert len(status) == total and len(glob.glob(os.path.join(out, "runs", "*.json"))) == total
+    assert all(status[p] == "skipped" for p in before) and sum(s == "done" for s in status.values()) == total - len(before)
+    assert all((os.stat(p).st_mtime_ns, open(p).read()) == v for p, v in before.items())  # untouched
+    log = [json.loads(line) for line in open(os.path.join(out, "sweep_log.jsonl"))]
+    assert all(e["time_s"] > 0 and e["peak_memory_mb"]["process_rss"] > 0 for e in log if e["status"] == "done")
+    assert all(s == "skipped" for s in (r["status"] for r in vtab_sweep.main(vtab_sweep.parse_args(argv))))

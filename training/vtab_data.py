@@ -1,0 +1,160 @@
+"""VTAB-1k data in the layout of the widely used release, validated on load.
+
+Layout: ``<root>/<task>/{train800,val200,train800val200,test}.txt``; each line is
+``images/train800/000000.jpg 307``: an image path relative to the task folder, a space, a 0-based label.
+
+Input pipeline (VTAB-1k protocol): direct bicubic resize to ``image_size`` x ``image_size`` (224),
+no augmentation, then one of three recorded normalisations:
+
+=========  =======================================================================
+none       pixels in [0, 1] (original VTAB)
+imagenet   (x - IMAGENET_MEAN) / IMAGENET_STD (the NOAH / FacT / SSF scripts)
+half       (x - 0.5) / 0.5, i.e. [-1, 1] (what the original ViT weights were trained with)
+=========  =======================================================================
+
+A fixture made by ``make_vtab_fixture.py --small`` has smaller splits and a ``vtab_fixture.json``
+marker at its root; reduced split sizes are accepted only with that marker or ``allow_small_splits``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Optional
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from vtab_tasks import SPLIT_SIZES, VTABTask, resolve_task
+
+__all__ = ["NORMALIZATIONS", "FIXTURE_MARKER", "VTABDataError", "read_split", "validate_task", "fixture_info",
+           "data_fingerprint", "VTABDataset"]
+
+NORMALIZATIONS = {
+    "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
+SPLITS = ("train800", "val200", "train800val200", "test")
+FIXTURE_MARKER = "vtab_fixture.json"
+
+
+class VTABDataError(ValueError):
+    """A VTAB task folder that does not follow the release layout (the message names the task)."""
+
+
+def fixture_info(root: str) -> Optional[dict]:
+    """The fixture marker at ``root`` (written by make_vtab_fixture.py), or ``None`` for real data."""
+    path = os.path.join(root, FIXTURE_MARKER)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_split(root: str, task: VTABTask, split: str) -> list[tuple[str, int]]:
+    """``[(relative image path, label)]`` of ``<root>/<task>/<split>.txt`` (format checked, not the files)."""
+    path = os.path.join(root, task.name, f"{split}.txt")
+    if not os.path.isfile(path):
+        raise VTABDataError(f"task {task.name!r}: split file {path} is missing (expected the VTAB-1k release "
+                            f"layout <root>/{task.name}/{{{','.join(SPLITS)}}}.txt)")
+    items = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            parts = line.strip().rsplit(" ", 1)
+            try:
+                items.append((parts[0], int(parts[1])))
+            except (IndexError, ValueError):
+                raise VTABDataError(f"task {task.name!r}: {path}:{lineno}: expected '<image path> <label>', "
+                                    f"got {line.strip()!r}") from None
+    return items
+
+
+def validate_task(root: str, task, splits=SPLITS, allow_small_splits: bool = False) -> dict[str, list]:
+    """Check split sizes (800/200/1000), label range and image files; returns ``{split: items}``.
+
+    Raises :class:`VTABDataError` naming the task and the first problems found.
+    """
+    task = resolve_task(task) if isinstance(task, str) else task
+    if not os.path.isdir(os.path.join(root, task.name)):
+        raise VTABDataError(f"task {task.name!r}: folder {os.path.join(root, task.name)} does not exist")
+    small = allow_small_splits or bool((fixture_info(root) or {}).get("small", False))
+    out = {}
+    for split in splits:
+        items = read_split(root, task, split)
+        want = SPLIT_SIZES.get(split)
+        if not items:
+            raise VTABDataError(f"task {task.name!r}: split {split!r} is empty")
+        if want is not None and len(items) != want and not (small and len(items) < want):
+            raise VTABDataError(f"task {task.name!r}: split {split!r} has {len(items)} images, VTAB-1k requires "
+                                f"{want} (reduced splits only for fixtures: --allow_small_splits)")
+        bad = [(p, y) for p, y in items if not 0 <= y < task.num_classes]
+        if bad:
+            raise VTABDataError(f"task {task.name!r}: split {split!r} has {len(bad)} labels outside "
+                                f"[0, {task.num_classes - 1}] ({task.num_classes} classes), e.g. {bad[:3]}")
+        missing = [p for p, _ in items if not os.path.isfile(os.path.join(root, task.name, p))]
+        if missing:
+            raise VTABDataError(f"task {task.name!r}: split {split!r} lists {len(missing)} missing image files, "
+                                f"e.g. {missing[:3]} (relative to {os.path.join(root, task.name)})")
+        out[split] = items
+    return out
+
+
+def data_fingerprint(root: str, task) -> str:
+    """sha256 (16 hex) of the task's split files: identifies the data independently of where it lives."""
+    task = resolve_task(task) if isinstance(task, str) else task
+    h = hashlib.sha256()
+    for split in SPLITS:
+        path = os.path.join(root, task.name, f"{split}.txt")
+        h.update(split.encode())
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+class VTABDataset(Dataset):
+    """One split of one task: ``(image (3, S, S) float32, label)`` pairs, validated on construction.
+
+    Args:
+        root: folder holding one sub-folder per task.
+        task: release folder name or alias.
+        split: ``train800`` | ``val200`` | ``train800val200`` | ``test``.
+        image_size: ``S``; images are resized directly (bicubic) to ``S x S``, no crop, no augmentation.
+        normalization: ``none`` | ``imagenet`` | ``half`` (see module docstring).
+        preload: decode all images once into a ``(N, 3, S, S)`` uint8 tensor (default: train/val splits).
+    """
+
+    def __init__(self, root: str, task, split: str, image_size: int = 224, normalization: str = "imagenet",
+                 allow_small_splits: bool = False, preload: Optional[bool] = None):
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(f"normalization must be one of {list(NORMALIZATIONS)}, got {normalization!r}")
+        self.task = resolve_task(task) if isinstance(task, str) else task
+        self.root, self.split, self.image_size, self.normalization = root, split, int(image_size), normalization
+        self.items = validate_task(root, self.task, [split], allow_small_splits)[split]
+        mean, std = NORMALIZATIONS[normalization]
+        self.mean = torch.tensor(mean).view(3, 1, 1)  # (3, 1, 1)
+        self.std = torch.tensor(std).view(3, 1, 1)  # (3, 1, 1)
+        self.images = None
+        if preload if preload is not None else split != "test":
+            self.images = torch.stack([self._decode(i) for i in range(len(self.items))])  # (N, 3, S, S) uint8
+
+    def _decode(self, i: int) -> torch.Tensor:
+        path = os.path.join(self.root, self.task.name, self.items[i][0])
+        with Image.open(path) as im:
+            im = im.convert("RGB").resize((self.image_size, self.image_size), Image.BICUBIC)
+            return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)  # (S, S, 3) -> (3, S, S) uint8
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        img = self.images[i] if self.images is not None else self._decode(i)
+        x = img.float().div_(255.0)  # (3, S, S) in [0, 1]
+        return (x - self.mean) / self.std, self.items[i][1]

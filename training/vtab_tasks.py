@@ -1,0 +1,79 @@
+"""The VTAB-1k task table: the one place that knows the 19 tasks, their groups, class counts and aliases.
+
+Folder names are those of the widely used VTAB-1k release (NOAH / FacT / SSF / V-PETL Bench):
+``<root>/<task>/{train800,val200,train800val200,test}.txt``. Papers average per group first and then
+take the mean of the three group means; both that and the plain mean of the 19 tasks are reported.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+__all__ = ["VTABTask", "TASKS", "GROUPS", "ALIASES", "SPLIT_SIZES", "PUBLISHED", "resolve_task", "resolve_tasks"]
+
+
+class VTABTask(NamedTuple):
+    name: str  # folder name in the release
+    group: str  # "natural" | "specialized" | "structured"
+    num_classes: int
+
+
+_TABLE = [
+    # natural
+    ("cifar", "natural", 100), ("caltech101", "natural", 102), ("dtd", "natural", 47),
+    ("oxford_flowers102", "natural", 102), ("oxford_iiit_pet", "natural", 37), ("svhn", "natural", 10),
+    ("sun397", "natural", 397),
+    # specialized
+    ("patch_camelyon", "specialized", 2), ("eurosat", "specialized", 10), ("resisc45", "specialized", 45),
+    ("diabetic_retinopathy", "specialized", 5),
+    # structured
+    ("clevr_count", "structured", 8), ("clevr_dist", "structured", 6), ("dmlab", "structured", 6),
+    ("kitti", "structured", 4), ("dsprites_loc", "structured", 16), ("dsprites_ori", "structured", 16),
+    ("smallnorb_azi", "structured", 18), ("smallnorb_ele", "structured", 9),
+]
+
+#: task name -> VTABTask, in the canonical 19-task column order
+TASKS: dict[str, VTABTask] = {n: VTABTask(n, g, c) for n, g, c in _TABLE}
+#: group name -> task names, in column order
+GROUPS: dict[str, list[str]] = {g: [t.name for t in TASKS.values() if t.group == g]
+                                for g in ("natural", "specialized", "structured")}
+#: names used by other code bases and papers -> release folder name
+ALIASES: dict[str, str] = {
+    "cifar100": "cifar", "cifar_100": "cifar", "caltech": "caltech101", "flowers102": "oxford_flowers102",
+    "oxford_flowers": "oxford_flowers102", "flowers": "oxford_flowers102", "oxford_pet": "oxford_iiit_pet",
+    "pets": "oxford_iiit_pet", "pet": "oxford_iiit_pet", "camelyon": "patch_camelyon", "retinopathy": "diabetic_retinopathy",
+    "resisc": "resisc45", "dsprites_location": "dsprites_loc", "dsprites_orientation": "dsprites_ori",
+    "smallnorb_azimuth": "smallnorb_azi", "smallnorb_elevation": "smallnorb_ele", "clevr_distance": "clevr_dist",
+    "kitti_dist": "kitti",
+}
+#: required number of lines per split file (the test split is the task's full test set: size varies)
+SPLIT_SIZES: dict[str, int] = {"train800": 800, "val200": 200, "train800val200": 1000}
+
+#: Published VTAB-1k averages (mean of the three group means, ViT-B/16 IN-21k), reference rows only:
+#: these were NOT measured by this project. LoRA/NOAH/SSF as tabulated in the SSF paper, SpecLoRA from its paper.
+PUBLISHED: dict[str, float] = {"LoRA": 74.5, "NOAH": 75.5, "SSF": 75.7, "SpecLoRA": 76.7}
+
+
+def resolve_task(name: str) -> VTABTask:
+    """The task for a release folder name or an alias (case-insensitive, ``-`` = ``_``)."""
+    key = str(name).strip().lower().replace("-", "_")
+    key = ALIASES.get(key, key)
+    if key not in TASKS:
+        import difflib
+
+        close = difflib.get_close_matches(key, list(TASKS) + list(ALIASES), n=3)
+        raise ValueError(f"unknown VTAB task {name!r}; did you mean {close}? Tasks: {list(TASKS)}")
+    return TASKS[key]
+
+
+def resolve_tasks(names) -> list[VTABTask]:
+    """``["all"]`` / group names (``natural``, ``specialized``, ``structured``) / task names -> tasks, no duplicates."""
+    out: dict[str, VTABTask] = {}
+    for n in names:
+        if n == "all":
+            out.update(TASKS)
+        elif n in GROUPS:
+            out.update({t: TASKS[t] for t in GROUPS[n]})
+        else:
+            t = resolve_task(n)
+            out[t.name] = t
+    return list(out.values())
