@@ -12,6 +12,9 @@
   whose ``vocab.json`` / ``merges.txt`` are built from the CLIP BPE file ``open_clip_torch`` ships. Its
   **weights are random** (fixed seed): it exercises the whole training recipe offline, but it has never
   seen an image, so its samples are noise-like textures, not pictures.
+* ``builtin:digits`` is a small SD pipeline **trained** on scikit-learn's handwritten digits (32 px, prompts
+  ``"a handwritten digit 3"``), shipped as one fp16 file in ``spectral_vision/assets`` (see
+  ``training/pretrain_digits_base.py``); materialised into the cache folder on first use.
 * :func:`bundled_instance_images` writes real photos shipped by scikit-image (``chelsea`` the cat,
   ``coffee``, ``astronaut``, ...) to a folder: a default DreamBooth instance set that needs no download.
 """
@@ -31,7 +34,7 @@ __all__ = ["load_pipeline", "resolve_pretrained", "is_builtin", "build_clip_toke
            "bundled_instance_images", "BUILTIN_PIPELINES", "SKIMAGE_PHOTOS"]
 
 #: built-in pipelines: name -> (cache folder name, builder). Bump the folder suffix when a builder changes.
-BUILTIN_PIPELINES = {"builtin:tiny-sd": "tiny-sd-v1"}
+BUILTIN_PIPELINES = {"builtin:tiny-sd": "tiny-sd-v1", "builtin:digits": "digits"}  # digits: + asset digest
 #: RGB photos bundled with scikit-image (no download needed)
 SKIMAGE_PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
 TINY_SD_SEED = 0
@@ -115,13 +118,16 @@ def resolve_pretrained(name_or_path: Union[str, Path]) -> str:
         return name
     if name not in BUILTIN_PIPELINES:
         raise ValueError(f"unknown built-in {name!r}; available: {sorted(BUILTIN_PIPELINES)}")
-    final = _cache_root() / "pipelines" / BUILTIN_PIPELINES[name]
+    folder_name, build = BUILTIN_PIPELINES[name], _build_tiny_sd
+    if name == "builtin:digits":
+        folder_name, build = _digits_builder()
+    final = _cache_root() / "pipelines" / folder_name
     if (final / "model_index.json").exists():
         return str(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
     try:
-        _build_tiny_sd(tmp)
+        build(tmp)
         try:
             os.rename(tmp, final)  # atomic; fails if another process finished first
         except OSError:
@@ -149,6 +155,23 @@ def load_pipeline(name_or_path: Union[str, Path], revision: Optional[str] = None
     kwargs.setdefault("requires_safety_checker", False)
     return StableDiffusionPipeline.from_pretrained(path, revision=revision, variant=variant,
                                                    torch_dtype=torch_dtype, **kwargs)
+
+
+# ---- builtin:digits: the trained digits base (issue 9) ----------------------------------------------------
+def _digits_builder():
+    """``(cache folder name, builder)`` of ``builtin:digits``: the real StableDiffusionPipeline trained on
+    scikit-learn's handwritten digits by ``training/pretrain_digits_base.py``, shipped as one fp16 file in
+    ``spectral_vision/assets`` (tokenizer rebuilt from open_clip's BPE); the folder name carries the file's
+    digest, so a retrained file is materialised afresh."""
+    from ..assets import DIGITS_BASE, asset_digest, pipeline_from_asset
+
+    if not DIGITS_BASE.exists():
+        raise FileNotFoundError(f"{DIGITS_BASE} is missing; regenerate it with `python training/pretrain_digits_base.py`")
+
+    def build(folder: Path) -> None:
+        pipeline_from_asset(DIGITS_BASE).save_pretrained(str(folder), safe_serialization=True)
+
+    return f"digits-{asset_digest(DIGITS_BASE)}", build
 
 
 # ---- bundled photos ------------------------------------------------------------------------------------

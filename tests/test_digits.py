@@ -1,0 +1,104 @@
+"""builtin:digits (the trained offline base), its pretraining / evaluation scripts, the digit concepts and
+the fusion benchmark's --quick mode."""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "training"))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import digit_concepts as dc  # noqa: E402
+from eval_digits_base import DigitJudge, load_digit_images, split_indices  # noqa: E402
+
+from spectral_vision.assets import DIGITS_BASE, pipeline_from_asset, read_metadata  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def heldout():
+    images, labels = load_digit_images()
+    tr, ho = split_indices(labels, 0.3, 0)
+    return images, labels, tr, ho
+
+
+def test_builtin_digits_offline_draws_the_prompted_digit(monkeypatch, heldout):
+    """The shipped base loads offline (no hub) as a real StableDiffusionPipeline and draws the asked digit."""
+    from diffusers import StableDiffusionPipeline
+
+    from spectral_vision.integrations.diffusers import load_pipeline
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert DIGITS_BASE.stat().st_size <= 12 * 2 ** 20
+    pipe = load_pipeline("builtin:digits")
+    assert isinstance(pipe, StableDiffusionPipeline)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe([f"a handwritten digit {d}" for d in range(10)], num_inference_steps=20, guidance_scale=4.0,
+               generator=torch.Generator().manual_seed(0))
+    assert out.images[0].size == (32, 32)
+    images, labels, tr, ho = heldout
+    judge = DigitJudge().fit(images[ho], labels[ho])
+    gray = np.stack([np.asarray(im, dtype=np.float32).mean(-1) / 255 for im in out.images])  # (10, 32, 32)
+    assert (judge.predict(gray) == np.arange(10)).mean() >= 0.8
+    recipe = read_metadata()["recipe"]  # the split the judge above used is the recorded one
+    assert recipe["split"]["heldout"] == ho.tolist() and recipe["eval"]["accuracy"]["4.0"] >= 0.95
+
+
+def test_concept_transforms_move_their_signature(heldout):
+    images, labels, tr, ho = heldout
+    x = images[ho[:40]]
+    base = dc.signatures(x)
+    bold, slant, inv = (dc.signatures(dc.apply([c], x)) for c in ("bold", "slant", "invert"))
+    assert (bold["bold"] > base["bold"] + 2).mean() > 0.9  # strokes thicker by > 2 px
+    assert np.median(slant["slant"] - base["slant"]) > 15  # shear 0.45 ~ +24 degrees
+    assert abs(np.median(bold["slant"] - base["slant"])) < 3 and abs(np.median(slant["bold"] - base["bold"])) < 1.5
+    assert (inv["invert"] > 0.5).all() and (base["invert"] < 0.5).all()
+    # polarity-aware: inverting keeps the other signatures exactly, and composes with the others
+    np.testing.assert_array_equal(inv["bold"], base["bold"])
+    np.testing.assert_array_equal(inv["slant"], base["slant"])
+    np.testing.assert_allclose(dc.apply(["bold", "invert"], x), 1 - dc.apply(["bold"], x), atol=1e-6)
+    assert dc.concept_prompt(["invert", "bold"], 3) == "a handwritten digit 3 sks vvn"
+
+
+def test_pretrain_tiny_run_resumes_exports_and_evaluates(tmp_path, monkeypatch):
+    """A shrunk pretraining run: VAE, UNet (then resumed to one more step), fp16 export, evaluation."""
+    import eval_digits_base
+    import pretrain_digits_base as pre
+
+    asset = tmp_path / "asset.safetensors"
+    common = ["--output_dir", str(tmp_path / "run"), "--asset", str(asset), "--vae_channels", "8", "16", "16",
+              "--unet_channels", "16", "32", "--text_hidden", "32", "--vae_steps", "2", "--vae_batch_size", "4",
+              "--train_batch_size", "4", "--checkpointing_steps", "1", "--eval_samples", "0"]
+    pre.main(pre.parse_args(common + ["--stage", "vae"]))
+    pre.main(pre.parse_args(common + ["--stage", "unet", "--max_train_steps", "2"]))
+    ck = torch.load(tmp_path / "run/unet_checkpoint.pt", weights_only=False)
+    assert ck["step"] == 2
+    rec = pre.main(pre.parse_args(common + ["--stage", "unet", "--max_train_steps", "3"]))
+    assert rec["unet_steps"] == 3  # resumed from step 2, not restarted
+    rec = pre.main(pre.parse_args(common + ["--stage", "export"]))
+    meta = read_metadata(asset)
+    assert meta["recipe"]["unet_steps"] == 3 and meta["recipe"]["split"]["heldout"]
+    pipe = pipeline_from_asset(asset)
+    pipe.set_progress_bar_config(disable=True)
+    res = eval_digits_base.evaluate(pipe, meta["recipe"], num_samples=10, guidances=(2.0,), steps=2, progress=False)
+    assert 0.0 <= res["accuracy"]["2.0"] <= 1.0 and res["memorisation"]["ratio"] > 0
+    assert res["judge_accuracy_on_train_digits"] > 0.95
+
+
+def test_fusion_digits_quick(tmp_path):
+    import fusion_digits
+
+    args = fusion_digits.parse_args(["--quick", "--output_dir", str(tmp_path), "--num_threads", "1"])
+    res = fusion_digits.main(args)
+    m = res["methods"]["spectral_a"]
+    assert set(m["modes"]) == {"spectral", "mean"}
+    for mode in m["modes"].values():
+        assert 0 <= mode["digit_accuracy"] <= 1 and mode["fusion_seconds"] > 0
+        assert set(mode["sets"]) == {"plain", "bold", "invert", "bold+invert"}
+    bands = json.loads((tmp_path / "tmp/fusion_digits/spectral_a/bands.json").read_text())
+    assert len(bands["concepts"]) == 2  # each concept on its own band
+    assert (tmp_path / "fusion_digits.md").read_text().count("| spectral_a |") == 3
+    assert (tmp_path / "fusion_digits_spectral_a.png").exists()
