@@ -27,5 +27,13 @@ __all__ = [
     "get_method", "available_methods", "SpectralLayer", "PRESETS", "attach", "detach", "set_adapter",
     "enable_adapters", "disable_adapters", "merge", "unmerge", "merge_and_unload", "spectral_layers",
     "adapter_names", "adapter_config", "trainable_parameters", "ParamCount", "save_adapter",
-    "load_adapter", "read_adapter", "AdapterFileError", "export_lora",
+    "load_adapter", "read_adapter", "AdapterFileError", "export_lora", "analysis",
 ]
+
+
+def __getattr__(name):  # sv.analysis (spectral study, CLI spectral-analysis) loads on first use
+    if name == "analysis":
+        import importlib
+
+        return importlib.import_module(".analysis", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
