@@ -5,8 +5,9 @@ A **concept folder** is what ``training/dreambooth_spectral.py`` writes; accepte
 * ``concept/unet/`` and/or ``concept/text_encoder/``: spectral_vision adapter folders per component;
 * ``concept/`` itself an adapter folder (spectral_vision or PEFT LoRA): its component is the one
   that has all of the adapter's layers (normally the UNet);
-* ``concept/*.safetensors`` without ``adapter_config.json``: a diffusers/kohya LoRA file, loaded with
-  ``pipe.load_lora_weights`` (for ``lora_sum``).
+* ``concept/*.safetensors`` and no adapter folder: a LoRA file (``pytorch_lora_weights.safetensors``
+  preferred, as written by diffusers' ``save_lora_weights`` and by the DreamBooth script for PEFT
+  baselines), loaded with ``pipe.load_lora_weights`` (for ``lora_sum``).
 
 Concept prompts (for least_squares recording and the metrics) come from ``prompts`` or, when not
 given, from the concept's files: ``instance_prompt`` in the adapter's metadata (``extra``) or in a
@@ -29,6 +30,7 @@ __all__ = ["COMPONENTS", "concept_parts", "load_pipeline_concepts", "concept_pro
            "fuse_pipeline"]
 
 COMPONENTS = ("unet", "text_encoder")
+LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name (``save_lora_weights``), preferred over others
 
 
 def _is_adapter(path: Path) -> bool:
@@ -69,7 +71,7 @@ def load_pipeline_concepts(pipe, folders: Sequence[Union[str, Path]], names: Opt
             continue  # already loaded under this name
         for comp, path in concept_parts(pipe, folder).items():
             if comp == "lora_file":
-                files = sorted(Path(path).glob("*.safetensors"))
+                files = sorted(Path(path).glob("*.safetensors"), key=lambda f: (f.name != LORA_FILE, f.name))
                 pipe.load_lora_weights(str(path), weight_name=files[0].name, adapter_name=name)
             else:
                 load_concepts(getattr(pipe, comp), [path], [name])
