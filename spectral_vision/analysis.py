@@ -264,14 +264,14 @@ def analyze(base: Source, tuned: Source, targets=None, k: int = 32, fit_fraction
 
 # ---- report: JSON, CSV, figures -------------------------------------------------------------------------------
 def summary_row(r: dict) -> dict:
-    """The scalar columns of one record (the CSV row)."""
+    """The scalar columns of one record (the CSV row); ``top4`` means the top ``min(4, k)`` pairs."""
     top = min(r["k"], 4)
-    return {"name": r["name"], "out": r["shape"][0], "in": r["shape"][1], "delta_rel_fro": r["delta_rel_fro"],
-            "alpha_base": r["alpha_base"], "alpha_tuned": r["alpha_tuned"], "erank_base": r["erank_base"],
-            "erank_tuned": r["erank_tuned"], "sigma1_rel_change": r["rel_change"][0],
-            f"mean_rel_change_top{top}": sum(r["rel_change"][:top]) / top,
-            f"mean_cos_u_top{top}": sum(r["cos_u"][:top]) / top, f"mean_cos_v_top{top}": sum(r["cos_v"][:top]) / top,
-            f"mean_cos_u_top{r['k']}": sum(r["cos_u"]) / r["k"], f"mean_cos_v_top{r['k']}": sum(r["cos_v"]) / r["k"]}
+    return {"name": r["name"], "out": r["shape"][0], "in": r["shape"][1], "k": r["k"],
+            "delta_rel_fro": r["delta_rel_fro"], "alpha_base": r["alpha_base"], "alpha_tuned": r["alpha_tuned"],
+            "erank_base": r["erank_base"], "erank_tuned": r["erank_tuned"], "sigma1_rel_change": r["rel_change"][0],
+            "mean_rel_change_top4": sum(r["rel_change"][:top]) / top,
+            "mean_cos_u_top4": sum(r["cos_u"][:top]) / top, "mean_cos_v_top4": sum(r["cos_v"][:top]) / top,
+            "mean_cos_u_topk": sum(r["cos_u"]) / r["k"], "mean_cos_v_topk": sum(r["cos_v"]) / r["k"]}
 
 
 def plot_spectrum(spectra: dict, ax=None, title: Optional[str] = None, top: Optional[int] = None,
@@ -348,18 +348,23 @@ def save_report(records: list[dict], out_dir: Union[str, Path], layers: Optional
     fig.savefig(str(paths["spectra"]), dpi=120)
 
     names = [r["name"] for r in records]
-    k = min(r["k"] for r in records)
+    k = max(r["k"] for r in records)
+    nan = float("nan")
+
+    def rows(key):  # layer × index, padded with NaN (blank) where a layer has fewer than k pairs
+        return [r[key] + [nan] * (k - len(r[key])) for r in records]
+
     height = 1.5 + 0.16 * len(records)
     fig = Figure(figsize=(11, height), layout="constrained")
     for j, key in enumerate(("cos_u", "cos_v")):
-        _heatmap(fig, fig.add_subplot(1, 2, j + 1), [r[key][:k] for r in records], names,
+        _heatmap(fig, fig.add_subplot(1, 2, j + 1), rows(key), names,
                  f"|{key[-1]}_iᵀ {key[-1]}'_i| (same index)", 0.0, 1.0, "viridis")
     paths["cosine"] = out / "cosine.png"
     fig.savefig(str(paths["cosine"]), dpi=120)
 
     fig = Figure(figsize=(6, height), layout="constrained")
-    change = [r["rel_change"][:k] for r in records]
-    lim = max(1e-6, max(abs(v) for row in change for v in row))
+    change = rows("rel_change")
+    lim = max(1e-6, max(abs(v) for r in records for v in r["rel_change"]))
     _heatmap(fig, fig.add_subplot(), change, names, "(σ'_i − σ_i) / σ_i", -lim, lim, "RdBu_r")
     paths["sigma_change"] = out / "sigma_change.png"
     fig.savefig(str(paths["sigma_change"]), dpi=120)
@@ -368,6 +373,8 @@ def save_report(records: list[dict], out_dir: Union[str, Path], layers: Optional
     ax = fig.add_subplot()
     ax.plot([r["alpha_base"] for r in records], "o-", ms=3, label="base")
     ax.plot([r["alpha_tuned"] for r in records], "s--", ms=3, label="tuned")
+    if len(records) <= 40:
+        ax.set_xticks(range(len(records)), [n[-30:] for n in names], rotation=90, fontsize=6)
     ax.set_xlabel("layer (model order)")
     ax.set_ylabel("power-law α (fit over top part)")
     ax.legend(fontsize=7)
@@ -401,9 +408,8 @@ def main(args: Optional[Union[argparse.Namespace, Sequence[str]]] = None) -> lis
     changed = sorted(records, key=lambda r: -r["delta_rel_fro"])
     print(f"{len(records)} layers compared; most changed (‖ΔW‖/‖W‖, σ₁ change, mean |u·u'| top 4, α base→tuned):")
     for r in changed[:10]:
-        s = summary_row(r)
-        cu = next(v for key, v in s.items() if key.startswith("mean_cos_u_top"))
-        print(f"  {r['name']:<60} {r['delta_rel_fro']:.3e}  {r['rel_change'][0]:+.3f}  {cu:.3f}  "
+        print(f"  {r['name']:<60} {r['delta_rel_fro']:.3e}  {r['rel_change'][0]:+.3f}  "
+              f"{summary_row(r)['mean_cos_u_top4']:.3f}  "
               f"{r['alpha_base']:.3f}→{r['alpha_tuned']:.3f}")
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return records
