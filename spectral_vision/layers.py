@@ -168,15 +168,13 @@ class SpectralLayer(nn.Module):
 
     # ---- forward -----------------------------------------------------------------------------------
     def _apply_delta(self, x: torch.Tensor, delta: SpectralDelta) -> torch.Tensor:
+        if self.kind != "conv2d":
+            return delta.forward_linear(x)
         B, A = delta.factors()  # (out, R), (R, in) fp32
-        B, A = B.to(x.dtype), A.to(x.dtype)
-        if self.kind == "conv2d":
-            conv = self.base_layer
-            R = A.shape[0]
-            h = F.conv2d(x, A.reshape(R, *conv.weight.shape[1:]), None,  # (R, in) -> (R, cin, kh, kw)
-                         conv.stride, conv.padding, conv.dilation)
-            return F.conv2d(h, B[:, :, None, None])  # (out, R) -> (out, R, 1, 1)
-        return F.linear(F.linear(x, A), B)
+        conv, R = self.base_layer, A.shape[0]
+        h = F.conv2d(x, A.to(x.dtype).reshape(R, *conv.weight.shape[1:]), None,  # (R, in) -> (R, cin, kh, kw)
+                     conv.stride, conv.padding, conv.dilation)
+        return F.conv2d(h, B.to(x.dtype)[:, :, None, None])  # (out, R) -> (out, R, 1, 1)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.disabled:

@@ -13,6 +13,7 @@ import dataclasses
 from typing import Any, ClassVar, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import SpectralConfig
@@ -110,6 +111,13 @@ class SpectralDelta(nn.Module):
         export and by fusion. Tested against :meth:`delta_weight` for every method.
         """
         raise NotImplementedError
+
+    def forward_linear(self, x: torch.Tensor) -> torch.Tensor:
+        """``Δ(x) = x ΔWᵀ`` for ``x (..., in)`` -> ``(..., out)`` in ``x``'s dtype: the delta-form forward
+        of linear layers. Default: two thin matmuls through :meth:`factors`; a method may override it
+        with a cheaper exact path (the shared invariant tests compare it with :meth:`delta_weight`)."""
+        B, A = self.factors()  # (out, R), (R, in)
+        return F.linear(F.linear(x, A.to(x.dtype)), B.to(x.dtype))
 
     # ---- helpers for subclasses ---------------------------------------------------------------
     def register_basis(self, basis: Basis, columns: Optional[torch.Tensor] = None) -> None:

@@ -84,6 +84,13 @@ class SpecLoRA(SpectralDelta):
         pad = (0, self.in_features - self.k, 0, self.out_features - self.k)
         return self.cfg.alpha * (F.pad(block, pad) + self.scaling * self.lora_B @ self.lora_A)
 
+    def forward_linear(self, x):
+        """Exact fast path: the mask term touches only ``x[..., :k]`` and output rows ``:k``."""
+        a, dt = self.cfg.alpha, x.dtype
+        top = F.linear(x[..., : self.k], (a * (self.d - 1)[:, None] * self.W_k).to(dt))  # (..., k)
+        lora = F.linear(F.linear(x, self.lora_A.to(dt)), ((a * self.scaling) * self.lora_B).to(dt))  # (..., out)
+        return lora + F.pad(top, (0, self.out_features - self.k))
+
     def factors(self):
         a = self.cfg.alpha
         E = F.pad(torch.diag(a * (self.d - 1)), (0, 0, 0, self.out_features - self.k))  # (out, k)
