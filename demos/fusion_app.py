@@ -1,0 +1,237 @@
+#!/usr/bin/env python
+"""Gradio demo: fuse concept adapters trained on disjoint spectral bands, and generate.
+
+    python demos/fusion_app.py                                  # offline built-in base, ./concepts
+    python demos/fusion_app.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 --concepts_dir out/
+
+The UI only wires widgets to :mod:`demos.fusion_logic` (tested without a browser). Each browser session
+works on its own copy of the base pipeline's UNet and text encoder (``gr.State``); the queue bounds how
+many generations run at once.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline: no telemetry calls
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `demos` and `fusion` from a checkout
+
+from demos.fusion_logic import (  # noqa: E402
+    MAX_CONCEPTS, MODES, AppConfig, PipelineCache, Session, default_model, interference_rows, list_concept_folders,
+    parse_seeds, spectrum_figure,
+)
+
+__all__ = ["parse_args", "build_app", "main"]
+
+INTRO = """## spectral-vision · concept fusion
+Add concept adapters (trained with `training/dreambooth_spectral.py`, each on its own singular band), set their
+strengths, and generate: the **fused** model beside **each concept alone** and the **base**, for the same seeds.
+Spectral fusion refuses overlapping bands; `mean`, `weighted`, `lora_sum`, `least_squares` are the baselines."""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    g = p.add_argument_group("model and concepts")
+    g.add_argument("--model", default=None, help="base pipeline: builtin:digits / builtin:tiny-sd, a local "
+                   "save_pretrained folder or a hub id (default: builtin:digits when installed, else builtin:tiny-sd)")
+    g.add_argument("--concepts_dir", nargs="+", default=["concepts"],
+                   help="folder(s) of concept folders; adapters are only loaded from these (and from uploads)")
+    g.add_argument("--model_dirs", nargs="*", default=[], help="folders from which local base pipelines may be picked")
+    g.add_argument("--upload_dir", default=None, help="where uploads are staged (default: a temporary folder)")
+    g = p.add_argument_group("limits")
+    g.add_argument("--concurrency", type=int, default=2, help="generations running at once (queue)")
+    g.add_argument("--max_seeds", type=int, default=4)
+    g.add_argument("--max_steps", type=int, default=100)
+    g.add_argument("--record_timesteps", type=int, nargs="+", default=[999, 500, 100],
+                   help="UNet timesteps of the recorded concept inputs (interference metrics, least_squares)")
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="interface to listen on (loopback by default)")
+    g.add_argument("--port", type=int, default=7860)
+    g.add_argument("--share", action="store_true", help="create a public gradio.live link (off by default)")
+    return p.parse_args(argv)
+
+
+def build_app(config: AppConfig, cache: PipelineCache, base_choices: list[str], concurrency: int = 2):
+    import gradio as gr
+    import pandas as pd
+
+    def fail(e: Exception, state):
+        """A user error: toast + status box, state untouched (the app keeps running)."""
+        if not isinstance(e, (ValueError, FileNotFoundError, KeyError)):
+            traceback.print_exc()
+        msg = str(e) if isinstance(e, (ValueError, FileNotFoundError)) else f"{type(e).__name__}: {e}"
+        gr.Warning(msg.splitlines()[0][:300])
+        return msg
+
+    def concept_views(s: Session):
+        headers, rows = s.concept_rows()
+        names = list(s.concepts)
+        sliders = [gr.update(visible=i < len(names), label=f"strength · {names[i]}" if i < len(names) else "",
+                             value=s.concepts[names[i]].strength if i < len(names) else 1.0)
+                   for i in range(MAX_CONCEPTS)]
+        return [pd.DataFrame(rows, columns=headers), gr.update(choices=names, value=names[-1] if names else None),
+                *sliders]
+
+    def overlap_note(s: Session) -> str:
+        rep = s.overlap()
+        return "" if rep.ok else "\n⚠ " + rep.explain(max_layers=3)
+
+    def init(state):
+        s = state or Session(config, cache)
+        return [s, f"base {s.base_name} ready ({s.resolution}px). Add concepts.",
+                gr.update(choices=list_concept_folders(config)), *concept_views(s)]
+
+    def load_base(state, name):
+        try:
+            s = state or Session(config, cache)
+            s.set_base(name)
+            msg = f"base {s.base_name} loaded ({s.resolution}px); concepts cleared"
+        except Exception as e:  # noqa: BLE001 (shown to the user)
+            return [state, fail(e, state), gr.update(), *([gr.update()] * (2 + MAX_CONCEPTS))]
+        return [s, msg, gr.update(choices=list_concept_folders(config)), *concept_views(s)]
+
+    def add(state, folder, files, name, progress=gr.Progress()):
+        try:
+            s = state or Session(config, cache)
+            progress(0.1, desc="loading adapters")
+            if files:
+                c = s.add_upload([getattr(f, "name", f) for f in files], name or None)
+            elif folder:
+                c = s.add_concept(folder, name or None)
+            else:
+                raise ValueError("pick a concept folder or upload one")
+            msg = f"added {c.name}: {c.method} rank {c.rank}, columns {c.band}" + overlap_note(s)
+            if not s.overlap().ok:
+                gr.Warning(f"{c.name}: bands overlap another concept (spectral mode will refuse; see status)")
+        except Exception as e:  # noqa: BLE001
+            return [state, fail(e, state), gr.update(), *([gr.update()] * (2 + MAX_CONCEPTS))]
+        return [s, msg, None, *concept_views(s)]
+
+    def remove(state, name):
+        try:
+            if state is None:
+                raise ValueError("nothing to remove")
+            state.remove_concept(name)
+        except Exception as e:  # noqa: BLE001
+            return [state, fail(e, state), *([gr.update()] * (2 + MAX_CONCEPTS))]
+        return [state, f"removed {name}" + overlap_note(state), *concept_views(state)]
+
+    def generate(state, prompt, mode, allow, seeds, steps, guidance, base, *strengths, progress=gr.Progress()):
+        keep = [gr.update()] * 5
+        try:
+            if state is None:
+                raise ValueError("the session is not ready yet: reload the page")
+            w = dict(zip(state.concepts, strengths))
+            r = state.generate(prompt, parse_seeds(seeds, config.max_seeds), steps, guidance, mode, w, allow, base,
+                               progress=lambda f, d: progress(f, desc=d))
+        except Exception as e:  # noqa: BLE001
+            return [state, fail(e, state), *keep]
+        info = (f"**{r.mode}** fusion of {len(state.concepts)} concepts in {r.seconds_fuse:.2f} s "
+                f"(total {r.seconds_total:.1f} s); {r.overlap.explain(max_layers=2).splitlines()[0]}")
+        table = None
+        if r.interference is not None:
+            h, rows = interference_rows(r.interference)
+            table = pd.DataFrame(rows, columns=h)
+            info += ("; metrics on recorded inputs" if r.interference.activations else "; metrics in weight space")
+        layer = r.layers[0] if r.layers else None
+        fig = spectrum_figure(*state.spectrum(layer), layer) if layer else None
+        return [state, f"generated {len(r.gallery)} images", gr.update(value=r.gallery, columns=r.columns), info,
+                table, gr.update(choices=r.layers, value=layer), fig]
+
+    def spectrum(state, layer):
+        try:
+            if state is None or not layer:
+                return gr.update()
+            return spectrum_figure(*state.spectrum(layer), layer)
+        except Exception as e:  # noqa: BLE001
+            fail(e, state)
+            return gr.update()
+
+    theme = gr.themes.Soft(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])  # no web fonts
+    with gr.Blocks(title="spectral-vision fusion", analytics_enabled=False) as app:
+        state = gr.State(None, time_to_live=6 * 3600, delete_callback=lambda s: s.close() if s else None)
+        gr.Markdown(INTRO)
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=5):
+                with gr.Row():
+                    base = gr.Dropdown(base_choices, value=base_choices[0], allow_custom_value=True, scale=4,
+                                       label="base pipeline (built-in, --model, hub id)")
+                    load_btn = gr.Button("load base", scale=1, min_width=90)
+                with gr.Row():
+                    folder = gr.Dropdown([], label="concept folder (from --concepts_dir)", allow_custom_value=True,
+                                         scale=4, elem_id="concept-folder")
+                    refresh = gr.Button("↻", scale=0, min_width=40)
+                with gr.Row():
+                    upload = gr.File(label="…or upload: .zip of a concept folder, or adapter_config.json + "
+                                     "adapter_model.safetensors", file_count="multiple",
+                                     file_types=[".zip", ".json", ".safetensors"], height=90, scale=3)
+                    with gr.Column(scale=2, min_width=120):
+                        cname = gr.Textbox(label="concept name (optional)", max_lines=1)
+                        add_btn = gr.Button("add concept", variant="secondary", elem_id="add-concept")
+                concepts = gr.Dataframe(label="concepts", interactive=False, wrap=True, elem_id="concepts")
+                with gr.Row():
+                    rm_choice = gr.Dropdown([], label="remove concept", scale=3)
+                    rm_btn = gr.Button("remove", scale=1, min_width=80)
+                status = gr.Textbox(label="status", lines=3, interactive=False, elem_id="status")
+            with gr.Column(scale=4):
+                prompt = gr.Textbox(label="prompt", value="a photo", elem_id="prompt")
+                with gr.Row():
+                    mode = gr.Dropdown(list(MODES), value="spectral", label="fusion mode")
+                    allow = gr.Checkbox(label="allow overlapping bands", value=False)
+                sliders = [gr.Slider(0.0, 2.0, value=1.0, step=0.05, visible=False) for _ in range(MAX_CONCEPTS)]
+                with gr.Row():
+                    seeds = gr.Textbox(label="seeds", value="0", max_lines=1, min_width=80)
+                    steps = gr.Slider(1, config.max_steps, value=25, step=1, label="steps", elem_id="steps")
+                    guidance = gr.Slider(0.0, 15.0, value=4.0, step=0.5, label="guidance")
+                with_base = gr.Checkbox(label="also show the base model", value=True)
+                gen_btn = gr.Button("generate", variant="primary", elem_id="generate")
+        gallery = gr.Gallery(label="fused | each concept alone | base (rows: seeds)", columns=4, height="auto",
+                             object_fit="contain", elem_id="gallery")
+        info = gr.Markdown()
+        table = gr.Dataframe(label="interference (fused vs each concept alone; OVERALL, then worst layers)",
+                             interactive=False, wrap=True)
+        with gr.Row():
+            layer = gr.Dropdown([], label="layer (spectrum before / after fusion)", scale=1)
+            plot = gr.Plot(label="singular values", scale=3)
+
+        views = [concepts, rm_choice, *sliders]
+        app.load(init, [state], [state, status, folder, *views])
+        load_btn.click(load_base, [state, base], [state, status, folder, *views], concurrency_id="gpu",
+                       concurrency_limit=concurrency)
+        refresh.click(lambda: gr.update(choices=list_concept_folders(config)), None, folder)
+        add_btn.click(add, [state, folder, upload, cname], [state, status, upload, *views], concurrency_id="gpu",
+                      concurrency_limit=concurrency)
+        rm_btn.click(remove, [state, rm_choice], [state, status, *views])
+        gen_btn.click(generate, [state, prompt, mode, allow, seeds, steps, guidance, with_base, *sliders],
+                      [state, status, gallery, info, table, layer, plot], concurrency_id="gpu",
+                      concurrency_limit=concurrency)
+        layer.change(spectrum, [state, layer], plot)
+    app.queue(default_concurrency_limit=concurrency, max_size=64)
+    return app, theme
+
+
+def main(args: argparse.Namespace) -> None:
+    model = args.model or default_model()
+    upload = Path(args.upload_dir or tempfile.mkdtemp(prefix="sv-fusion-uploads-"))
+    for d in args.concepts_dir:
+        Path(d).mkdir(parents=True, exist_ok=True)
+    config = AppConfig(model=model, concepts_dirs=args.concepts_dir, upload_dir=upload, model_dirs=args.model_dirs,
+                       max_seeds=args.max_seeds, max_steps=args.max_steps,
+                       record_timesteps=tuple(args.record_timesteps))
+    from spectral_vision.integrations.diffusers import BUILTIN_PIPELINES
+
+    choices = list(dict.fromkeys([model, *sorted(BUILTIN_PIPELINES)]))
+    cache = PipelineCache(config.device)
+    cache.get(model)  # load the default base before serving
+    app, theme = build_app(config, cache, choices, args.concurrency)
+    print(f"concepts from {[str(d) for d in config.concepts_dirs]}; uploads staged in {upload}", flush=True)
+    app.launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size="200mb",
+               theme=theme, footer_links=[])
+
+
+if __name__ == "__main__":
+    main(parse_args())
