@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
+from accelerate.logging import get_logger
 from PIL import Image, ImageOps
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -51,10 +52,10 @@ from common import (  # noqa: E402
 import spectral_vision as sv  # noqa: E402
 from spectral_vision.baselines import BASELINES, attach_adapter, is_peft_method  # noqa: E402
 from spectral_vision.integrations.diffusers import (  # noqa: E402
-    SKIMAGE_PHOTOS, bundled_instance_images, is_builtin, load_pipeline, resolve_pretrained,
+    SKIMAGE_PHOTOS, bundled_instance_images, load_pipeline, resolve_pretrained,
 )
 
-logger = logging.getLogger("dreambooth_spectral")
+logger = get_logger("dreambooth_spectral")  # accelerate's: logs on the main process only
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 BUILTIN_PROMPTS = {"chelsea": "a photo of sks cat", "coffee": "a photo of sks coffee cup",
@@ -609,7 +610,7 @@ def export_loras(args, adapted: dict[str, nn.Module]) -> dict:
 
 
 def write_model_card(args, ctx, exports: dict, params: sv.ParamCount) -> None:
-    builtin = is_builtin(args.pretrained_model_name_or_path)
+    builtin = args.pretrained_model_name_or_path == "builtin:tiny-sd"  # the random-weight one
     band = ctx.inputs.band
     cols = "n/a (PEFT baseline)" if band is None else f"{band} (singular columns {band * args.rank}.." \
                                                         f"{(band + 1) * args.rank - 1} of every adapted layer)"
@@ -679,15 +680,14 @@ def save_outputs(args, accelerator, ctx) -> dict:
 
 # ---- main -------------------------------------------------------------------------------------------------------
 def make_accelerator(args):
-    from accelerate import Accelerator, DistributedDataParallelKwargs
+    from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
     report_to = None if args.report_to in (None, "none") else args.report_to
     return Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
         log_with=report_to,
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=Path(args.output_dir, args.logging_dir)),
-        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])  # bases are identical on all ranks
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=Path(args.output_dir, args.logging_dir)))
 
 
 def setup(args) -> tuple:
@@ -821,8 +821,9 @@ def main(args: argparse.Namespace) -> dict:
     accelerator, ctx = setup(args)
     train(args, accelerator, ctx)
     accelerator.wait_for_everyone()
-    ctx.rank_hashes = accelerator.gather_for_metrics([adapter_hash(ctx.adapted)], use_gather_object=True) \
-        if accelerator.num_processes > 1 else [adapter_hash(ctx.adapted)]
+    own = adapter_hash({k: accelerator.unwrap_model(m) for k, m in ctx.adapted.items()})
+    ctx.rank_hashes = accelerator.gather_for_metrics([own], use_gather_object=True) \
+        if accelerator.num_processes > 1 else [own]
     if len(set(ctx.rank_hashes)) > 1:
         raise RuntimeError(f"ranks ended with different adapters: {ctx.rank_hashes}")
     summary = {}

@@ -153,8 +153,11 @@ def load_pipeline(name_or_path: Union[str, Path], revision: Optional[str] = None
         raise ValueError(f"{name_or_path} has no revisions or variants")
     kwargs.setdefault("safety_checker", None)
     kwargs.setdefault("requires_safety_checker", False)
-    return StableDiffusionPipeline.from_pretrained(path, revision=revision, variant=variant,
-                                                   torch_dtype=torch_dtype, **kwargs)
+    if torch_dtype is not None:  # newer diffusers name it `dtype` (`torch_dtype` is deprecated there)
+        from diffusers.pipelines import pipeline_utils
+
+        kwargs["dtype" if "_resolve_dtype" in vars(pipeline_utils) else "torch_dtype"] = torch_dtype
+    return StableDiffusionPipeline.from_pretrained(path, revision=revision, variant=variant, **kwargs)
 
 
 # ---- builtin:digits: the trained digits base (issue 9) ----------------------------------------------------
@@ -214,7 +217,8 @@ def bundled_instance_images(name: str = "chelsea", folder: Optional[Union[str, P
             target = folder / f"{n}_{i}.png"
             if target.exists():
                 continue
-            tmp = folder / f".{n}_{i}.png.tmp"
-            Image.fromarray(np.ascontiguousarray(view)).save(tmp, format="PNG")
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{n}_{i}.", suffix=".tmp")  # unique: ranks race here
+            with os.fdopen(fd, "wb") as f:
+                Image.fromarray(np.ascontiguousarray(view)).save(f, format="PNG")
             os.replace(tmp, target)
     return folder

@@ -1,0 +1,283 @@
+"""DreamBooth script on the offline builtin:tiny-sd (32 px): run, replay after SIGKILL, LoRA export, DDP, bad inputs."""
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "training" / "dreambooth_spectral.py"
+sys.path.insert(0, str(ROOT / "training"))
+import common  # noqa: E402
+import dreambooth_spectral as db  # noqa: E402
+
+# the same run everywhere (in process, killed + resumed, ...): text encoder too, accumulation, flips, warmup
+TRAIN = ["--max_train_steps", "10", "--checkpointing_steps", "2", "--checkpoints_total_limit", "2",
+         "--train_batch_size", "1", "--gradient_accumulation_steps", "2", "--lr_scheduler", "linear",
+         "--lr_warmup_steps", "2", "--seed", "0", "--band", "0", "--train_text_encoder", "--random_flip"]
+
+
+def reset_accelerate():
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def run_main(argv):
+    reset_accelerate()
+    try:
+        return db.main(db.parse_args(argv))
+    finally:
+        reset_accelerate()
+
+
+def env_for_subprocess():
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def saved_hash(out: Path, components=("text_encoder", "unet")) -> str:
+    """``adapter_hash`` recomputed from the saved adapter folders."""
+    h = hashlib.sha256()
+    for comp in components:
+        tensors = load_file(str(out / comp / "adapter_model.safetensors"))
+        for k in sorted(tensors):
+            h.update(f"{comp}.{k}".encode())
+            h.update(tensors[k].float().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One uninterrupted run in this process (1 thread, as the subprocesses), registered in a concepts folder."""
+    cache = str(tmp_path_factory.getbasetemp() / "svcache")  # the folder conftest gives every test
+    concepts = tmp_path_factory.mktemp("concepts")
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SPECTRAL_VISION_CACHE", cache)
+        torch.set_num_threads(1)
+        try:
+            summary = run_main(TRAIN + ["--output_dir", str(concepts / "cat"), "--validation_prompt", "a sks cat",
+                                        "--num_validation_images", "1", "--validation_inference_steps", "2",
+                                        "--validation_epochs", "1", "--report_to", "tensorboard"])
+        finally:
+            torch.set_num_threads(threads)
+    return concepts / "cat", summary
+
+
+# ---- the built-in base -----------------------------------------------------------------------------------------
+def test_builtin_tokenizer_is_clip_bpe():
+    from open_clip.tokenizer import SimpleTokenizer
+    from transformers import CLIPTokenizer
+    from spectral_vision.integrations.diffusers import resolve_pretrained
+
+    tok = CLIPTokenizer.from_pretrained(resolve_pretrained("builtin:tiny-sd"), subfolder="tokenizer")
+    ref = SimpleTokenizer()
+    assert len(tok) == 49408 and tok.bos_token_id == 49406 and tok.eos_token_id == 49407
+    for text in ["a photo of sks dog", "A Cat, sitting on the mat!", "astronaut riding a horse 1234"]:
+        assert tok(text).input_ids == [49406] + ref.encode(text) + [49407]
+    assert tok.convert_tokens_to_ids(["a</w>", "photo</w>"]) == [320, 1125]  # CLIP's well-known ids
+
+
+def test_bundled_instance_images(tmp_path):
+    from PIL import Image
+    from spectral_vision.integrations.diffusers import bundled_instance_images
+
+    folder = bundled_instance_images("chelsea,coffee", tmp_path / "inst", views=3)
+    files = sorted(folder.glob("*.png"))
+    assert [f.name for f in files] == [f"{n}_{i}.png" for n in ("chelsea", "coffee") for i in range(3)]
+    sizes = [Image.open(f).size for f in files]
+    assert all(w == h for w, h in sizes) and sizes[0] == (300, 300)  # chelsea is 300x451
+    with pytest.raises(ValueError, match="available"):
+        bundled_instance_images("lena", tmp_path / "x")
+
+
+# ---- a short run --------------------------------------------------------------------------------------------
+def test_short_run_outputs(run):
+    out, summary = run
+    assert summary["global_step"] == 10 and torch.isfinite(torch.tensor(summary["final_loss"]))
+    for comp, lr in (("unet", 5e-4), ("text_encoder", 5e-6)):  # the default --learning_rate / --text_encoder_lr
+        t = load_file(str(out / comp / "adapter_model.safetensors"))
+        a_u = [v for k, v in t.items() if k.endswith("A_U")]
+        assert a_u and all(v.dtype == torch.float32 for v in a_u)
+        # trained away from the zero init: Adam moves a weight by about lr per update (5 updates at full lr here)
+        assert 2 * lr < max(v.abs().max().item() for v in a_u) < 20 * lr
+    assert summary["adapter_sha256_per_rank"] == [saved_hash(out)]
+    assert [p.name for _, p in common.list_checkpoints(out)] == ["checkpoint-8", "checkpoint-10"]  # total_limit 2
+    args = json.loads((out / "training_args.json").read_text())
+    assert args["args"]["band"] == "0" and args["summary"]["band"] == 0 and args["args"]["seed"] == 0
+    card = (out / "README.md").read_text()
+    assert "RANDOM weights" in card and "band 0" in card and "rank 4" in card
+    assert f"{summary['trainable_params']:,}" in card
+    # 4 instance images, batch 1 x 2 accumulation: 2 updates per epoch, 5 epochs, validation after each
+    assert (out / "image_0.png").exists() and sorted(p.name for p in (out / "validation").iterdir()) == \
+        [f"epoch{e:04d}_0.png" for e in range(5)]
+    assert list((out / "logs").rglob("events.out.tfevents*"))
+    registry = json.loads((out.parent / "bands.json").read_text())
+    assert registry["concepts"]["cat"]["columns"] == [0, 1, 2, 3]
+
+
+def test_exported_lora_loads_in_diffusers(run):
+    import spectral_vision as sv
+    from spectral_vision.integrations.diffusers import load_pipeline
+
+    out, _ = run
+    x, ids = torch.randn(1, 4, 16, 16), torch.randint(0, 49406, (1, 77))
+
+    def outputs(pipe):
+        with torch.no_grad():
+            hidden = pipe.text_encoder(ids)[0]
+            return hidden, pipe.unet(x, 10, hidden).sample
+
+    base = outputs(load_pipeline("builtin:tiny-sd"))
+    ours = load_pipeline("builtin:tiny-sd")
+    sv.load_adapter(ours.unet, out / "unet")
+    sv.load_adapter(ours.text_encoder, out / "text_encoder")
+    ours = outputs(ours)
+    assert (ours[1] - base[1]).abs().max() > 1e-3  # the adapter does something
+    for name in db.LORA_FILES.values():
+        pipe = load_pipeline("builtin:tiny-sd")
+        pipe.load_lora_weights(str(out), weight_name=name)
+        got = outputs(pipe)
+        torch.testing.assert_close(got[0], ours[0], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(got[1], ours[1], atol=1e-5, rtol=1e-4)
+
+
+# ---- checkpoints -----------------------------------------------------------------------------------------------
+def test_incomplete_checkpoints_are_never_latest(tmp_path):
+    def write(d):
+        os.makedirs(d)
+        Path(d, "state.bin").write_text("x")
+
+    common.save_checkpoint(tmp_path, 3, write)
+    (tmp_path / "checkpoint-7").mkdir()  # half-written by a non-atomic writer: no completion marker
+    (tmp_path / "checkpoint-9.tmp").mkdir()  # an interrupted atomic save
+    assert common.resolve_resume(tmp_path, "latest") == tmp_path / "checkpoint-3"
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        common.resolve_resume(tmp_path, "checkpoint-7")
+    with pytest.raises(FileNotFoundError):
+        common.resolve_resume(tmp_path, "checkpoint-5")
+    assert common.resolve_resume(tmp_path / "empty", "latest") is None
+    common.save_checkpoint(tmp_path, 5, write, total_limit=1)  # rotation also removes the stale .tmp
+    assert [s for s, _ in common.list_checkpoints(tmp_path)] == [5] and not (tmp_path / "checkpoint-9.tmp").exists()
+
+
+def test_resume_after_sigkill_replays_the_run(run, tmp_path):
+    ref_out, ref = run
+    out = tmp_path / "cat"
+    cmd = [sys.executable, str(SCRIPT), *TRAIN, "--output_dir", str(out), "--report_to", "none", "--no_register"]
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env_for_subprocess())
+        deadline = time.time() + 300
+        while not common.list_checkpoints(out) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-3000:]
+    assert not (out / "training_args.json").exists()  # it really died mid-training
+    last = common.list_checkpoints(out)[-1]
+    assert last[0] < 10
+    (out / "checkpoint-99").mkdir()  # decoys: neither may be picked as "latest"
+    (out / "checkpoint-100.tmp").mkdir()
+    res = subprocess.run(cmd + ["--resume_from_checkpoint", "latest"], capture_output=True, text=True,
+                         env=env_for_subprocess(), timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"Resuming from checkpoint {last[1]} at step {last[0]}" in res.stderr
+    summary = json.loads((out / "training_args.json").read_text())["summary"]
+    assert summary["resumed_from"] == str(last[1]) and summary["global_step"] == 10
+    # optimizer, scheduler, data order, noise: everything replays, so the adapter is bit-identical
+    assert summary["adapter_sha256_per_rank"] == ref["adapter_sha256_per_rank"]
+    assert summary["final_loss"] == ref["final_loss"]
+
+
+# ---- precision, prior preservation, DDP ----------------------------------------------------------------------------
+def test_bf16_prior_preservation_snr(tmp_path):
+    argv = ["--output_dir", str(tmp_path / "dog"), "--mixed_precision", "bf16", "--max_train_steps", "2",
+            "--train_batch_size", "1", "--lr_warmup_steps", "0", "--seed", "1", "--report_to", "none",
+            "--with_prior_preservation", "--class_data_dir", str(tmp_path / "class"), "--class_prompt", "a cat",
+            "--num_class_images", "2", "--class_inference_steps", "2", "--sample_batch_size", "2",
+            "--snr_gamma", "5.0", "--adapter", "spectral_r", "--checkpointing_steps", "1"]
+    reset_accelerate()
+    try:
+        args = db.parse_args(argv)
+        accelerator, ctx = db.setup(args)
+        unet = accelerator.unwrap_model(ctx.models.unet)
+        assert unet.conv_in.weight.dtype == torch.bfloat16 and ctx.models.vae.encoder.conv_in.weight.dtype == torch.bfloat16
+        trainable = [p for p in unet.parameters() if p.requires_grad]
+        assert trainable and all(p.dtype == torch.float32 for p in trainable)
+        assert len(list((tmp_path / "class").glob("*.jpg"))) == 2  # generated because missing
+        db.train(args, accelerator, ctx)
+        assert ctx.global_step == 2 and torch.isfinite(torch.tensor(ctx.last_loss))
+        opt_state = ctx.optimizer.state_dict()["state"]
+        assert opt_state and all(s["exp_avg"].dtype == torch.float32 for s in opt_state.values())
+    finally:
+        reset_accelerate()
+
+
+def test_fp16_flag_is_validated():
+    if not torch.cuda.is_available():
+        with pytest.warns(UserWarning, match="fp16 without a GPU"):
+            args = db.parse_args(["--mixed_precision", "fp16"])
+    else:
+        args = db.parse_args(["--mixed_precision", "fp16"])
+    assert args.mixed_precision == "fp16"
+    with pytest.raises(SystemExit):
+        db.parse_args(["--mixed_precision", "fp8"])
+
+
+def test_ddp_two_cpu_processes_end_with_the_same_adapter(tmp_path):
+    out = tmp_path / "cat"
+    env = dict(env_for_subprocess(), ACCELERATE_USE_CPU="1")  # accelerate: gloo DDP on CPU
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT),
+           "--output_dir", str(out), "--max_train_steps", "3", "--train_batch_size", "1", "--lr_warmup_steps", "0",
+           "--seed", "0", "--report_to", "none", "--no_register", "--checkpointing_steps", "2"]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((out / "training_args.json").read_text())["summary"]
+    assert summary["num_processes"] == 2
+    hashes = summary["adapter_sha256_per_rank"]
+    assert len(hashes) == 2 and hashes[0] == hashes[1] == saved_hash(out, ("unet",))
+    assert {p.name for p in (out / "checkpoint-2").glob("random_states_*.pkl")} == \
+        {"random_states_0.pkl", "random_states_1.pkl"}  # each rank's RNG is checkpointed
+
+
+# ---- bad inputs fail before training -----------------------------------------------------------------------------
+def _bad_inputs(tmp_path, case, concepts):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "ok.txt").write_text("not an image, ignored")
+    (broken / "photo.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    return {
+        "empty": (["--instance_data_dir", str(empty), "--instance_prompt", "a sks dog"], "contains no images"),
+        "unreadable": (["--instance_data_dir", str(broken), "--instance_prompt", "a sks dog"], "photo.png cannot be read"),
+        "rank": (["--rank", "40"], "has only 32"),
+        "overlap": (["--concepts_dir", str(concepts), "--band", "0", "--concept_name", "dog"],
+                    r"overlaps concepts registered .*'cat' \(columns \[0, 1, 2, 3\]\).*next free band: 1"),
+    }[case]
+
+
+@pytest.mark.parametrize("case", ["empty", "unreadable", "rank", "overlap"])
+def test_bad_inputs_fail_before_training(run, tmp_path, case):
+    argv, message = _bad_inputs(tmp_path, case, run[0].parent)
+    out = tmp_path / "out"
+    with pytest.raises(db.InputError, match=message):
+        run_main(argv + ["--output_dir", str(out), "--report_to", "none", "--max_train_steps", "1",
+                         "--checkpointing_steps", "1"])
+    assert not common.list_checkpoints(out) and not (out / "training_args.json").exists()
+
+
+def test_bad_flag_combinations():
+    for argv in (["--with_prior_preservation"], ["--band", "x"], ["--rank", "0"],
+                 ["--instance_data_dir", "/some/dir"], ["--adapter", "nope"], ["--adapter_options", "{bad"]):
+        with pytest.raises(SystemExit):
+            db.parse_args(argv)
