@@ -104,7 +104,7 @@ def build_model(args, num_classes: int):
 
     model = load_vit(args.model, num_classes=num_classes, drop_path_rate=args.drop_path,
                      pretrained=not args.no_pretrained, checkpoint_path=args.checkpoint_path,
-                     image_size=None if args.image_size == 224 else args.image_size)
+                     image_size=args.image_size)
     opts = json.loads(args.method_options)
     if args.method == FULL:
         model.requires_grad_(True)
@@ -154,8 +154,10 @@ def train_phase(args, task, train_split: str, eval_split: str, every_epoch: bool
     train_ds = VTABDataset(args.data_root, task, train_split, **ds)
     eval_ds = VTABDataset(args.data_root, task, eval_split, **ds)
     g = torch.Generator().manual_seed(args.seed)
-    train_dl = DataLoader(train_ds, args.batch_size, shuffle=True, generator=g, num_workers=0)
-    eval_dl = DataLoader(eval_ds, 2 * args.batch_size, num_workers=args.num_workers if eval_split == "test" else 0)
+    pin = torch.cuda.is_available()
+    train_dl = DataLoader(train_ds, args.batch_size, shuffle=True, generator=g, num_workers=0, pin_memory=pin)
+    eval_dl = DataLoader(eval_ds, 2 * args.batch_size, num_workers=args.num_workers if eval_split == "test" else 0,
+                         pin_memory=pin)  # the test split is decoded on the fly (it can be large), in workers
     model, params = build_model(args, task.num_classes)
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=args.lr,
                             weight_decay=args.weight_decay)
