@@ -95,7 +95,7 @@ def load_concepts(model: nn.Module, adapters: Sequence[Union[str, Path]], names:
     for i, item in enumerate(adapters):
         name = names[i] if names is not None else None
         if isinstance(item, str) and item in present and not Path(item).is_dir():
-            out.append(name or item)
+            out.append(item)  # already on the model: keeps its name
             continue
         path = Path(item)
         if not path.is_dir():
