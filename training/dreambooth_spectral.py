@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from accelerate.logging import get_logger
+from diffusers.optimization import SchedulerType
 from PIL import Image, ImageOps
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -132,8 +133,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     g.add_argument("--learning_rate", type=float, default=5e-4)
     g.add_argument("--text_encoder_lr", type=float, default=5e-6, help="learning rate of the text encoder adapter")
     g.add_argument("--scale_lr", action="store_true", help="scale lr by GPUs x accumulation x batch size")
-    g.add_argument("--lr_scheduler", default="constant", help='linear, cosine, cosine_with_restarts, polynomial, '
-                   'constant, constant_with_warmup')
+    g.add_argument("--lr_scheduler", default="constant", choices=[t.value for t in SchedulerType],
+                   help="learning-rate schedule (diffusers.optimization.get_scheduler)")
     g.add_argument("--lr_warmup_steps", type=int, default=500)
     g.add_argument("--lr_num_cycles", type=int, default=1)
     g.add_argument("--lr_power", type=float, default=1.0)
@@ -210,8 +211,11 @@ def check_args(args: argparse.Namespace) -> None:
             else dict(args.adapter_options)
     except json.JSONDecodeError as e:
         raise InputError(f"--adapter_options is not valid JSON: {e}") from None
-    if is_peft_method(args.adapter) and args.adapter_options:
-        raise InputError("--adapter_options is for spectral methods only")
+    if is_peft_method(args.adapter):
+        if args.adapter_options:
+            raise InputError("--adapter_options is for spectral methods only")
+        if args.band != "auto":
+            warnings.warn(f"--band is ignored for the PEFT baseline {args.adapter!r} (it has no singular bands)")
     for name in ("target_modules", "text_encoder_target_modules"):  # "a,b" -> suffix list; presets/regex stay
         v = getattr(args, name)
         if isinstance(v, str) and "," in v:
@@ -698,16 +702,16 @@ def setup(args) -> tuple:
     inputs = prepare_inputs(args)  # fails here on bad inputs, before any model is loaded
     accelerator = make_accelerator(args)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    if args.seed is None:  # draw one on the main process, share it, record it
-        args.seed = broadcast_object_list([int.from_bytes(os.urandom(4), "little")])[0]
+    resume = resolve_resume(args.output_dir, args.resume_from_checkpoint)
+    saved_seed = checkpoint_info(resume)["info"].get("seed") if resume is not None else None
+    if args.seed is None:  # the checkpoint's seed, else one drawn on the main process and shared; recorded
+        args.seed = saved_seed if saved_seed is not None else \
+            broadcast_object_list([int.from_bytes(os.urandom(4), "little")])[0]
+    elif saved_seed is not None and saved_seed != args.seed:
+        logger.warning(f"resuming with --seed {args.seed} but the checkpoint was made with {saved_seed}: "
+                       "the rest of the run will not replay the original one")
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
-    resume = resolve_resume(args.output_dir, args.resume_from_checkpoint)
-    if resume is not None:
-        saved = checkpoint_info(resume)["info"]
-        if saved.get("seed") != args.seed and args.seed is not None:
-            logger.warning(f"resuming with --seed {args.seed}, the checkpoint was made with {saved.get('seed')}: "
-                           "the run will not replay the original one")
     models = load_models(args)
     args.resolution = args.resolution or models.unet.config.sample_size * models.vae_scale_factor
     if args.resolution % models.vae_scale_factor:
