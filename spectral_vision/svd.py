@@ -5,8 +5,15 @@ Every weight is decomposed in float32, whatever the model dtype, as ``W = U diag
 for the reshape convention of convolutions). Two algorithms:
 
 * ``exact``: :func:`torch.linalg.svd` (thin), then truncated to the top ``k`` triplets;
-* ``randomized``: :func:`torch.svd_lowrank` (Halko et al.) with oversampling and power
-  iterations, seeded so that it is deterministic; only the top ``k`` triplets are computed.
+* ``randomized``: the Halko et al. range finder with oversampling and power iterations, with a
+  fixed CPU-drawn probe so that it is deterministic on every device; only the top ``k`` triplets
+  are computed (``O(out·in·k)``: under a second on a 2-core CPU for a 768x3072 ViT-B weight at k=8,
+  where the full SVD takes seconds).
+
+``auto`` (the default) is exact when ``min(out, in) <= 256`` or ``k`` is over a quarter of it,
+randomized otherwise. Methods whose guarantees need exact singular vectors (e.g. ^R keeping every
+singular value of the base, to rounding) get them with ``svd="exact"``; with ``randomized`` they
+hold to the accuracy of the top triplets (high for the decaying spectra of pretrained weights).
 
 Results are **sign-canonical** (:func:`canonicalize_signs`) and cached on disk keyed by a hash of
 the weight's bytes, so decomposing the same base a second time costs a file read.
@@ -25,8 +32,8 @@ from safetensors.torch import load_file, save_file
 
 __all__ = ["Basis", "decompose", "canonicalize_signs", "weight_hash", "cache_dir", "sigma_fingerprint"]
 
-#: Below this smaller dimension, ``auto`` uses the exact SVD (cheap and exact).
-EXACT_MAX_DIM = 1024
+#: Up to this smaller dimension, ``auto`` always uses the exact SVD (cheap at that size).
+EXACT_MAX_DIM = 256
 
 
 @dataclass
@@ -95,11 +102,16 @@ def _exact(W: torch.Tensor, k: int):
 
 
 def _randomized(W: torch.Tensor, k: int, oversample: int, power_iters: int):
-    q = min(k + oversample, min(W.shape))
-    with torch.random.fork_rng(devices=[W.device] if W.is_cuda else []):
-        torch.manual_seed(0)
-        U, S, V = torch.svd_lowrank(W, q=q, niter=power_iters)
-    return U[:, :k], S[:k], V[:, :k]
+    """Halko-Martinsson-Tropp range finder with power iterations. The Gaussian probe is drawn on the
+    CPU from a fixed seed, so the result does not depend on the device's random generator."""
+    m, n = W.shape
+    q = min(k + oversample, min(m, n))
+    probe = torch.randn(n, q, generator=torch.Generator().manual_seed(0)).to(W.device)  # (in, q)
+    Q = torch.linalg.qr(W @ probe).Q  # (out, q) orthonormal basis of the sampled range
+    for _ in range(power_iters):
+        Q = torch.linalg.qr(W @ torch.linalg.qr(W.T @ Q).Q).Q
+    Ub, S, Vh = torch.linalg.svd(Q.T @ W, full_matrices=False)  # (q, q), (q,), (q, in)
+    return (Q @ Ub)[:, :k], S[:k], Vh[:k].T
 
 
 def _load_cached(path: Path, k: int, device) -> Optional[tuple]:
@@ -138,7 +150,7 @@ def decompose(
     Args:
         weight: ``(out, in)`` matrix of any float dtype and device.
         k: number of top triplets (default: all, ``min(out, in)``).
-        method: ``"exact"``, ``"randomized"`` or ``"auto"`` (exact when ``min(out, in) <= 1024`` or
+        method: ``"exact"``, ``"randomized"`` or ``"auto"`` (exact when ``min(out, in) <= 256`` or
             ``k`` is over a quarter of it, else randomized).
         oversample, power_iters: randomized SVD settings (extra probe columns, subspace iterations).
         cache: read/write the on-disk cache keyed by the weight's hash.
@@ -157,7 +169,7 @@ def decompose(
     if method not in ("exact", "randomized"):
         raise ValueError(f"unknown SVD method {method!r}: use 'exact', 'randomized' or 'auto'")
     key = weight_hash(weight)
-    tag = method if method == "exact" else f"randomized-o{oversample}-p{power_iters}"
+    tag = method if method == "exact" else f"rsvd-o{oversample}-p{power_iters}"
     path = cache_dir() / f"{key}-{tag}.safetensors"
     got = _load_cached(path, k, weight.device) if cache else None
     if got is None:
