@@ -281,3 +281,24 @@ def test_bad_flag_combinations():
                  ["--instance_data_dir", "/some/dir"], ["--adapter", "nope"], ["--adapter_options", "{bad"]):
         with pytest.raises(SystemExit):
             db.parse_args(argv)
+
+
+# ---- the benchmark's worker (same step, both adapters) ---------------------------------------------------------
+def test_benchmark_worker_runs_both_variants():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import dreambooth_vs_peft as bench
+
+    threads = torch.get_num_threads()
+    results = {}
+    try:
+        for variant in bench.VARIANTS:
+            reset_accelerate()
+            results[variant] = bench.worker(bench.parse_args(["--steps", "1", "--warmup", "0", "--worker", variant]))
+    finally:
+        reset_accelerate()
+        torch.set_num_threads(threads)
+    spectral, lora = results["spectral"], results["peft_lora"]
+    # Spectral Adapter^A and LoRA have r(out+in) trainable weights per layer: equal-parameter comparison
+    assert spectral["trainable"] == lora["trainable"] == 9984
+    for r in results.values():
+        assert r["median_step_s"] > 0 and r["train_peak_bytes"] > 0 and r["resolution"] == 32
