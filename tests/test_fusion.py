@@ -325,3 +325,40 @@ def test_fusion_speed_benchmark_quick(tmp_path):
     r = out["results"]
     assert r["spectral"]["layers"] == r["least_squares"]["layers"] == 40 and r["least_squares"]["record_s"] > 0
     assert json.loads((tmp_path / "r.json").read_text())["results"]["spectral"]["x_spectral"] == 1.0
+
+
+def test_lora_sum_of_diffusers_lora_files_matches_diffusers_fuse_lora(tmp_path):
+    """Concept folders holding pytorch_lora_weights.safetensors (PEFT-baseline DreamBooth output)."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import get_peft_model_state_dict
+
+    from spectral_vision.baselines import attach_peft
+    from spectral_vision.integrations.diffusers import load_pipeline
+
+    from fusion.pipeline import fuse_pipeline
+
+    p = load_pipeline("builtin:tiny-sd")
+    attach_peft(p.unet, "lora", 4, "sd_unet", adapter_name="a")
+    attach_peft(p.unet, "lora", 4, "sd_unet", adapter_name="b")
+    with torch.no_grad():
+        for n, q in p.unet.named_parameters():
+            if "lora_B" in n:
+                q.normal_(0, 0.1)
+    for c in "ab":
+        sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(p.unet, adapter_name=c))
+        StableDiffusionPipeline.save_lora_weights(tmp_path / c, unet_lora_layers=sd, safe_serialization=True)
+    ref = load_pipeline("builtin:tiny-sd")
+    for c in "ab":
+        ref.load_lora_weights(str(tmp_path / c), adapter_name=c)
+    ref.set_adapters(["a", "b"], [1.0, 0.5])
+    ref.fuse_lora(adapter_names=["a", "b"])
+    ref.unload_lora_weights()  # keeps the fused weights, removes the LoRA layers
+    pipe = load_pipeline("builtin:tiny-sd")
+    res = fuse_pipeline(pipe, [tmp_path / "a", tmp_path / "b"], [1.0, 0.5], mode="lora_sum", progress=False)
+    assert len(res.layers) == 32
+    want = ref.unet.state_dict()
+    got = pipe.unet.state_dict()
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=1e-6, msg=k)
