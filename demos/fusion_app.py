@@ -33,6 +33,9 @@ strengths, and generate: the **fused** model beside **each concept alone** and t
 Spectral fusion refuses overlapping bands; `mean`, `weighted`, `lora_sum`, `least_squares` are the baselines."""
 
 
+CSS = "#gallery .grid-wrap { min-height: 0 !important; height: auto !important; }"  # no empty band under images
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     g = p.add_argument_group("model and concepts")
@@ -56,6 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build_app(config: AppConfig, cache: PipelineCache, base_choices: list[str], concurrency: int = 2):
+    """``(gr.Blocks, launch style kwargs)``: the UI wired to a :class:`Session` per browser session."""
     import gradio as gr
     import pandas as pd
 
@@ -94,22 +98,29 @@ def build_app(config: AppConfig, cache: PipelineCache, base_choices: list[str], 
             return [state, fail(e, state), gr.update(), *([gr.update()] * (2 + MAX_CONCEPTS))]
         return [s, msg, gr.update(choices=list_concept_folders(config)), *concept_views(s)]
 
-    def add(state, folder, files, name, progress=gr.Progress()):
+    def add(state, load, progress):
+        """Run ``load(session) -> Concept`` and refresh the concept views, or report the error."""
         try:
             s = state or Session(config, cache)
             progress(0.1, desc="loading adapters")
-            if files:
-                c = s.add_upload([getattr(f, "name", f) for f in files], name or None)
-            elif folder:
-                c = s.add_concept(folder, name or None)
-            else:
-                raise ValueError("pick a concept folder or upload one")
+            c = load(s)
             msg = f"added {c.name}: {c.method} rank {c.rank}, columns {c.band}" + overlap_note(s)
             if not s.overlap().ok:
                 gr.Warning(f"{c.name}: bands overlap another concept (spectral mode will refuse; see status)")
         except Exception as e:  # noqa: BLE001
             return [state, fail(e, state), gr.update(), *([gr.update()] * (2 + MAX_CONCEPTS))]
         return [s, msg, None, *concept_views(s)]
+
+    def add_folder(state, folder, name, progress=gr.Progress()):
+        def load(s: Session):
+            if not folder:
+                raise ValueError("pick a concept folder")
+            return s.add_concept(folder, name or None)
+        return add(state, load, progress)
+
+    def add_upload(state, files, name, progress=gr.Progress()):
+        paths = [getattr(f, "name", f) for f in files or []]
+        return add(state, lambda s: s.add_upload(paths, name or None), progress)
 
     def remove(state, name):
         try:
@@ -163,15 +174,17 @@ def build_app(config: AppConfig, cache: PipelineCache, base_choices: list[str], 
                     load_btn = gr.Button("load base", scale=1, min_width=90)
                 with gr.Row():
                     folder = gr.Dropdown([], label="concept folder (from --concepts_dir)", allow_custom_value=True,
-                                         scale=4, elem_id="concept-folder")
-                    refresh = gr.Button("↻", scale=0, min_width=40)
+                                         scale=5, elem_id="concept-folder")
+                    refresh = gr.Button("↻", scale=0, min_width=44)
                 with gr.Row():
-                    upload = gr.File(label="…or upload: .zip of a concept folder, or adapter_config.json + "
-                                     "adapter_model.safetensors", file_count="multiple",
-                                     file_types=[".zip", ".json", ".safetensors"], height=90, scale=3)
-                    with gr.Column(scale=2, min_width=120):
-                        cname = gr.Textbox(label="concept name (optional)", max_lines=1)
-                        add_btn = gr.Button("add concept", variant="secondary", elem_id="add-concept")
+                    cname = gr.Textbox(label="concept name (optional)", max_lines=1, scale=3)
+                    add_btn = gr.Button("add concept", variant="secondary", scale=2, elem_id="add-concept")
+                with gr.Accordion("…or upload a concept", open=False):
+                    gr.Markdown("A `.zip` of a concept folder (`unet/`, `text_encoder/`), or one adapter's "
+                                "`adapter_config.json` + `adapter_model.safetensors`.")
+                    upload = gr.File(file_count="multiple", file_types=[".zip", ".json", ".safetensors"],
+                                     show_label=False, height=100, elem_id="upload")
+                    up_btn = gr.Button("add uploaded concept", elem_id="add-upload")
                 concepts = gr.Dataframe(label="concepts", interactive=False, wrap=True, elem_id="concepts")
                 with gr.Row():
                     rm_choice = gr.Dropdown([], label="remove concept", scale=3)
@@ -189,7 +202,7 @@ def build_app(config: AppConfig, cache: PipelineCache, base_choices: list[str], 
                     guidance = gr.Slider(0.0, 15.0, value=4.0, step=0.5, label="guidance")
                 with_base = gr.Checkbox(label="also show the base model", value=True)
                 gen_btn = gr.Button("generate", variant="primary", elem_id="generate")
-        gallery = gr.Gallery(label="fused | each concept alone | base (rows: seeds)", columns=4, height="auto",
+        gallery = gr.Gallery(label="fused | each concept alone | base (rows: seeds)", columns=4,
                              object_fit="contain", elem_id="gallery")
         info = gr.Markdown()
         table = gr.Dataframe(label="interference (fused vs each concept alone; OVERALL, then worst layers)",
@@ -203,15 +216,17 @@ def build_app(config: AppConfig, cache: PipelineCache, base_choices: list[str], 
         load_btn.click(load_base, [state, base], [state, status, folder, *views], concurrency_id="gpu",
                        concurrency_limit=concurrency)
         refresh.click(lambda: gr.update(choices=list_concept_folders(config)), None, folder)
-        add_btn.click(add, [state, folder, upload, cname], [state, status, upload, *views], concurrency_id="gpu",
-                      concurrency_limit=concurrency)
+        add_btn.click(add_folder, [state, folder, cname], [state, status, upload, *views],
+                      concurrency_id="gpu", concurrency_limit=concurrency)
+        up_btn.click(add_upload, [state, upload, cname], [state, status, upload, *views],
+                     concurrency_id="gpu", concurrency_limit=concurrency)
         rm_btn.click(remove, [state, rm_choice], [state, status, *views])
         gen_btn.click(generate, [state, prompt, mode, allow, seeds, steps, guidance, with_base, *sliders],
                       [state, status, gallery, info, table, layer, plot], concurrency_id="gpu",
                       concurrency_limit=concurrency)
         layer.change(spectrum, [state, layer], plot)
     app.queue(default_concurrency_limit=concurrency, max_size=64)
-    return app, theme
+    return app, {"theme": theme, "css": CSS}
 
 
 def main(args: argparse.Namespace) -> None:
@@ -227,10 +242,10 @@ def main(args: argparse.Namespace) -> None:
     choices = list(dict.fromkeys([model, *sorted(BUILTIN_PIPELINES)]))
     cache = PipelineCache(config.device)
     cache.get(model)  # load the default base before serving
-    app, theme = build_app(config, cache, choices, args.concurrency)
+    app, style = build_app(config, cache, choices, args.concurrency)
     print(f"concepts from {[str(d) for d in config.concepts_dirs]}; uploads staged in {upload}", flush=True)
     app.launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size="200mb",
-               theme=theme, footer_links=[])
+               footer_links=[], **style)
 
 
 if __name__ == "__main__":

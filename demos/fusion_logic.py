@@ -42,6 +42,7 @@ __all__ = ["AppConfig", "PipelineCache", "Session", "Concept", "GenerateResult",
            "check_base", "list_concept_folders", "stage_upload", "parse_seeds", "for_display", "MODES", "MAX_CONCEPTS"]
 
 MAX_CONCEPTS = 6  # strength sliders in the UI
+_SHORT = {"unet": "unet", "text_encoder": "text"}
 Progress = Callable[[float, str], None]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -54,7 +55,11 @@ def default_model() -> str:
     """``builtin:digits`` (the trained offline base) when this install has it, else ``builtin:tiny-sd``."""
     from spectral_vision.integrations.diffusers import BUILTIN_PIPELINES
 
-    return "builtin:digits" if "builtin:digits" in BUILTIN_PIPELINES else "builtin:tiny-sd"
+    try:
+        from spectral_vision.assets import DIGITS_BASE
+    except ImportError:
+        return "builtin:tiny-sd"
+    return "builtin:digits" if "builtin:digits" in BUILTIN_PIPELINES and DIGITS_BASE.exists() else "builtin:tiny-sd"
 
 
 @dataclass
@@ -88,7 +93,7 @@ def check_allowed(path: Union[str, Path], roots: Sequence[Path]) -> Path:
     """``path`` resolved (symlinks and ``..`` followed) if it lies inside one of ``roots``, else ``ValueError``."""
     p = Path(path).expanduser().resolve()
     if not any(p.is_relative_to(r) for r in roots):
-        raise ValueError(f"{path} is outside the allowed adapter folders ({', '.join(map(str, roots))})")
+        raise ValueError(f"{path} is outside the allowed adapter folders (--concepts_dir and this session's uploads)")
     return p
 
 
@@ -335,6 +340,10 @@ class Session:
             raise ValueError(f"concept {name!r} ({folder}) is already added")
         if len(self.concepts) >= MAX_CONCEPTS:
             raise ValueError(f"at most {MAX_CONCEPTS} concepts; remove one first")
+        for cfg_file in [folder / "adapter_config.json"] + [folder / c / "adapter_config.json" for c in COMPONENTS]:
+            if cfg_file.exists() and _json(cfg_file) is None:
+                raise sv.AdapterFileError(f"{cfg_file.relative_to(folder.parent)} is not valid JSON: not an adapter "
+                                          "config (expected the adapter_config.json that save_adapter writes)")
         parts = concept_parts(self.base, folder)
         if "lora_file" in parts:
             raise ValueError(f"{folder} holds only LoRA .safetensors files; the demo fuses spectral_vision adapter "
@@ -395,9 +404,9 @@ class Session:
         rows = []
         for n, c in self.concepts.items():
             clash = sorted({o.b if o.a == n else o.a for o in rep.overlaps if n in (o.a, o.b)})
-            rows.append([n, c.method, c.rank, c.band, "+".join(c.parts), c.prompt or "",
+            rows.append([n, c.method, c.rank, c.band, ", ".join(_SHORT.get(p, p) for p in c.parts), c.prompt or "",
                          ("overlaps " + ", ".join(clash)) if clash else "disjoint"])
-        return ["concept", "method", "rank", "band (columns)", "parts", "instance prompt", "bands"], rows
+        return ["concept", "method", "rank", "columns", "parts", "prompt", "bands"], rows
 
     # ---- fusion and sampling ------------------------------------------------------------------------
     def _reset(self) -> None:
@@ -549,32 +558,30 @@ def interference_rows(report, max_layers: int = 8) -> tuple[list[str], list[list
 
 
 def spectrum_figure(sv0: torch.Tensor, sv1: torch.Tensor, bands: dict[str, list[int]], layer: str, top: int = 48):
-    """Matplotlib figure: the first ``top`` singular values before/after fusion (bands shaded) and their
-    relative change."""
-    import matplotlib
+    """Figure: the first ``top`` singular values before/after fusion (:func:`spectral_vision.analysis.plot_spectrum`,
+    index from 1) with each concept's band shaded, and their relative change. No pyplot (thread-safe)."""
+    from matplotlib import rcParams
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from spectral_vision.analysis import plot_spectrum
 
     k = min(len(sv0), max(top, max((max(c) + 8 for c in bands.values() if c), default=0)))
-    x = range(k)
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, (n, cols) in enumerate(bands.items()):
+    fig = Figure(figsize=(9, 3.2), layout="constrained")
+    a, b = fig.subplots(1, 2)
+    colors = rcParams["axes.prop_cycle"].by_key()["color"]
+    x = torch.arange(1, k + 1)  # singular index i (from 1, as plot_spectrum)
+    for j, (n, cols) in enumerate(bands.items()):
         for c in cols:
             for ax in (a, b):
-                ax.axvspan(c - 0.5, c + 0.5, color=colors[(i + 2) % len(colors)], alpha=0.25,
+                ax.axvspan(c + 0.5, c + 1.5, color=colors[(j + 2) % len(colors)], alpha=0.25,
                            label=f"band of {n}" if c == cols[0] and ax is a else None)
-    a.semilogy(x, sv0[:k].numpy(), "o-", ms=3, label="before (base)")
-    a.semilogy(x, sv1[:k].numpy(), "x--", ms=4, label="after fusion")
-    a.set_xlabel("singular index")
-    a.set_ylabel("singular value")
+    plot_spectrum({"before (base)": sv0, "after fusion": sv1}, ax=a, top=k, loglog=False)
+    a.set_yscale("log")
     a.legend(fontsize=7)
     rel = ((sv1[:k] - sv0[:k]) / sv0[:k].clamp_min(1e-12)).numpy()
-    b.bar(list(x), rel, color=colors[1])
-    b.set_xlabel("singular index")
-    b.set_ylabel("relative change")
+    b.bar(x.numpy(), rel, color=colors[1])
+    b.set_xlabel("index i")
+    b.set_ylabel("relative change of σ_i")
     b.set_title(f"max |Δσ/σ| = {abs(rel).max():.2e}", fontsize=9)
     fig.suptitle(layer[-70:], fontsize=9)
-    fig.tight_layout()
     return fig
