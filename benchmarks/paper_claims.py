@@ -50,8 +50,10 @@ import spectral_vision as sv  # noqa: E402
 from spectral_vision import offline  # noqa: E402
 from spectral_vision.baselines import attach_adapter, is_peft_method  # noqa: E402
 
-METHODS = ("spectral_a", "spectral_r", "speclora", "lorsa", "lora", "dora", "pissa")
-METHOD_OPTIONS = {"lorsa": {"proj_rank": 8}}  # r_p = 8 lets LoRSA reach LoRA-sized budgets (|S| <= k = 256)
+METHODS = ("spectral_a", "spectral_r", "speclora", "lorsa", "lora", "dora", "pissa", "linear")
+LINEAR = "linear"  # reference row: the new head only, no adapter (not part of the budget match)
+#: starting options; LoRSA's r_p is doubled while |S| <= k = 256 cannot reach the budget (see match_budget)
+METHOD_OPTIONS = {"lorsa": {"proj_rank": 8}}
 
 
 def parse_args(argv=None):
@@ -105,10 +107,13 @@ def parse_args(argv=None):
 class Store:
     """``<out>/<section>.json``: {"settings": ..., "runs": {key: result}}; written after every run."""
 
+    SCOPE = ("shots", "seeds", "methods", "ranks", "budget", "lrs")  # runs are keyed by these: they may change
+
     def __init__(self, out: Path, section: str, settings: dict):
         self.path = out / f"{section}.json"
         old = json.loads(self.path.read_text()) if self.path.exists() else {}
-        same = old.get("settings") == settings
+        strip = lambda d: {k: v for k, v in (d or {}).items() if k not in self.SCOPE}  # noqa: E731
+        same = strip(old.get("settings")) == strip(settings)  # else: other settings, start afresh
         self.data = {"settings": settings, "runs": old.get("runs", {}) if same else {}, "extra": old.get("extra", {})}
 
     def get(self, key):
@@ -209,10 +214,14 @@ def adapter_params(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def attach(net, model, method: str, rank: int):
+def attach(net, model, method: str, rank: int, options=None):
+    if method == LINEAR:
+        model.requires_grad_(False)
+        return 0
     kw = {} if is_peft_method(method) else {"progress": False}
-    if method in METHOD_OPTIONS:
-        kw["options"] = METHOD_OPTIONS[method]
+    options = METHOD_OPTIONS.get(method) if options is None else options
+    if options:
+        kw["options"] = options
     attach_adapter(model, method, rank, net.targets, **kw)
     return adapter_params(model)
 
@@ -230,14 +239,14 @@ def orthogonality_error(model) -> float:
     return err
 
 
-def run(net, data, method, rank, lr, seed, steps, bs, head_lr, track_orth=False) -> dict:
+def run(net, data, method, rank, lr, seed, steps, bs, head_lr, track_orth=False, options=None) -> dict:
     """Train adapter + head on ``data["train"]`` for ``steps``; accuracies on val and test (last step)."""
     torch.manual_seed(seed)
     model = copy.deepcopy(net.base)
     head = model.get_submodule(net.head)
     for prm in head.parameters():  # the same fresh head for every method of a seed
         torch.nn.init.normal_(prm, std=0.01) if prm.dim() > 1 else torch.nn.init.zeros_(prm)
-    n_adapter = attach(net, model, method, rank)
+    n_adapter = attach(net, model, method, rank, options)
     for prm in head.parameters():
         prm.requires_grad_(True)
     head_ids = {id(q) for q in head.parameters()}
@@ -283,28 +292,41 @@ def run(net, data, method, rank, lr, seed, steps, bs, head_lr, track_orth=False)
 def match_budget(net, methods, budget_rank) -> dict:
     """Rank per method whose measured adapter size is closest to LoRA's at ``budget_rank``."""
     cache: dict = {}
+    opts: dict = {m: METHOD_OPTIONS.get(m) for m in methods}
 
     def count(m, r):
-        if (m, r) not in cache:
+        key = (m, r, json.dumps(opts[m]))
+        if key not in cache:
             try:
-                cache[(m, r)] = attach(net, copy.deepcopy(net.base), m, r)
+                cache[key] = attach(net, copy.deepcopy(net.base), m, r, opts[m])
             except ValueError:  # rank too large for some layer
-                cache[(m, r)] = None
-        return cache[(m, r)]
+                cache[key] = None
+        return cache[key]
 
-    budget = count("lora", budget_rank)
-    out = {}
-    for m in methods:
+    def closest(m):
         lo, hi = 1, 1
         while count(m, hi) is not None and count(m, hi) < budget and hi < 4096:
             lo, hi = hi, hi * 2
         while hi - lo > 1:  # smallest r with count >= budget, in (lo, hi]
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if count(m, mid) is not None and count(m, mid) < budget else (lo, mid)
-        cands = [r for r in {lo, hi} if count(m, r) is not None]
-        r = min(cands, key=lambda r: (abs(count(m, r) - budget), r))
+        return min([r for r in {lo, hi} if count(m, r) is not None], key=lambda r: (abs(count(m, r) - budget), r))
+
+    budget = count("lora", budget_rank)
+    out = {}
+    for m in methods:
+        if m == LINEAR:
+            out[m] = {"rank": 0, "params": 0, "ratio_to_budget": 0.0}
+            continue
+        r = closest(m)
+        while m == "lorsa" and count(m, r) < 0.95 * budget and opts[m]["proj_rank"] < 64:  # |S| <= k caps it
+            opts[m] = {**opts[m], "proj_rank": 2 * opts[m]["proj_rank"]}
+            r = closest(m)
         out[m] = {"rank": r, "params": count(m, r), "ratio_to_budget": round(count(m, r) / budget, 4)}
-        print(f"  budget {budget:,}: {m:11s} rank {r:4d} -> {count(m, r):,} params ({count(m, r) / budget:.3f}x)")
+        if opts[m]:
+            out[m]["options"] = opts[m]
+        print(f"  budget {budget:,}: {m:11s} rank {r:4d} -> {count(m, r):,} params ({count(m, r) / budget:.3f}x)"
+              + (f" options {opts[m]}" if opts[m] else ""))
     return {"budget": budget, "budget_rank": budget_rank, "methods": out}
 
 
@@ -390,12 +412,13 @@ def section_text(a, out) -> dict:
 def compare_seeds(store, net, datas, m, budget, a, steps, bs, prefix):
     """LR picked on val with the first seed's data, then every seed at that LR (each seed its own data)."""
     rank, seeds = budget["methods"][m]["rank"], list(datas)
+    options = budget["methods"][m].get("options")
     track = m == "spectral_r"
 
     def get(lr, s):
         key = f"{prefix}{m}|r{rank}|lr{lr:g}|s{s}"
         if store.get(key) is None:
-            store.put(key, run(net, datas[s], m, rank, lr, s, steps, bs, a.head_lr, track))
+            store.put(key, run(net, datas[s], m, rank, lr, s, steps, bs, a.head_lr, track, options))
         return store.get(key)
 
     sel = {lr: get(lr, seeds[0]) for lr in a.lrs}
