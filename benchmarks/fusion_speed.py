@@ -54,6 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("output")
     g.add_argument("--modes", nargs="+", default=["spectral", "mean", "weighted", "lora_sum", "least_squares"])
     g.add_argument("--cold", action="store_true", help="also time loading the concepts with an empty SVD cache")
+    g.add_argument("--workdir", default=None,
+                   help="keep the concept folders and SVD cache here; a second run reuses them (same seeds)")
     g.add_argument("--json", default=None, help="write the results here")
     return p.parse_args(argv)
 
@@ -113,11 +115,16 @@ def main(args: argparse.Namespace) -> dict:
     n_params = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
     print(f"built {'tiny' if args.quick else 'SD1.5-shaped'} UNet + text encoder {n_params} in "
           f"{time.perf_counter() - t:.1f} s; torch threads {torch.get_num_threads()}")
-    work = Path(tempfile.mkdtemp(prefix="fusion_speed"))
+    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="fusion_speed"))
+    work.mkdir(parents=True, exist_ok=True)
     os.environ["SPECTRAL_VISION_CACHE"] = str(work / "cache_warm")
     t = time.perf_counter()
-    folders = make_concepts(models, work, args.rank)
-    print(f"made {len(folders)} concepts (attach + SVD + save) in {time.perf_counter() - t:.1f} s")
+    if all((work / c / comp / "adapter_config.json").exists() for c in CONCEPTS for comp in PRESETS):
+        folders = [work / c for c in CONCEPTS]
+        print(f"reusing the concepts in {work}")
+    else:
+        folders = make_concepts(models, work, args.rank)
+        print(f"made {len(folders)} concepts (attach + SVD + save) in {time.perf_counter() - t:.1f} s")
     originals = {n: p.detach().clone() for n, p in models.state_dict().items()}
     results = {}
     for mode in args.modes:

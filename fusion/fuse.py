@@ -45,7 +45,8 @@ from spectral_vision.layers import SpectralLayer
 
 from .bands import OverlapReport, find_overlaps
 
-__all__ = ["MODES", "fuse", "FusionResult", "load_concepts", "concept_delta", "fused_weights", "write_weights"]
+__all__ = ["MODES", "fuse", "FusionResult", "load_concepts", "concept_factors", "concept_delta", "fused_weights",
+           "write_weights"]
 
 MODES = ("spectral", "mean", "weighted", "lora_sum", "least_squares")
 
@@ -141,6 +142,28 @@ def _strength(delta: sv.SpectralDelta, w: float):
 
 
 @torch.no_grad()
+def concept_factors(layer: nn.Module, name: str, strength: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact low-rank factors ``(B (out, R), A (R, in))`` with ``B A = concept_delta(layer, name, strength)``.
+
+    Spectral adapters: the method's ``factors()``; plain PEFT LoRA: ``(scaling·lora_B, lora_A)``.
+    ``None`` when no exact factors exist (PEFT variants such as DoRA): use :func:`concept_delta`.
+    """
+    if isinstance(layer, SpectralLayer):
+        with _strength(layer.adapters[name], strength) as d:
+            return d.factors()
+    if name in getattr(layer, "lora_variant", {}) or getattr(layer, "use_dora", {}).get(name, False) \
+            or not hasattr(layer.lora_A[name], "weight"):
+        return None
+    A = layer.lora_A[name].weight.float()
+    A = A.reshape(A.shape[0], -1)  # (r, in[, kh, kw]) -> (r, in*kh*kw)
+    B = layer.lora_B[name].weight.float()
+    B = B.reshape(B.shape[0], -1)  # (out, r[, 1, 1]) -> (out, r)
+    if B.shape[1] != A.shape[0] or getattr(layer, "fan_in_fan_out", False):
+        return None
+    return strength * layer.scaling[name] * B, A
+
+
+@torch.no_grad()
 def concept_delta(layer: nn.Module, name: str, strength: float = 1.0) -> torch.Tensor:
     """``ΔW (out, in)`` fp32 of concept ``name`` on ``layer`` at spectral-mode strength (alpha × strength).
 
@@ -192,10 +215,19 @@ def fused_weights(layer: nn.Module, names: Sequence[str], weights: Sequence[floa
         coef = [(n, w, 1.0) for n, w in zip(names, weights)]
     else:
         raise ValueError(f"fused_weights has no closed form for mode {mode!r}")
+    Bs, As = [], []
     for n, c, s in coef:
-        if n in have and c != 0:
+        if n not in have or c == 0:
+            continue
+        f = concept_factors(layer, n, s)
+        if f is None:  # no exact factors: dense delta
             W = W + c * concept_delta(layer, n, s)
-    return W
+        else:
+            Bs.append(c * f[0])
+            As.append(f[1])
+    if not Bs:
+        return W.clone()
+    return torch.addmm(W, torch.cat(Bs, dim=1), torch.cat(As, dim=0))  # W + Σ cᵢ Bᵢ Aᵢ in one pass
 
 
 # ---- writing -------------------------------------------------------------------------------------------
