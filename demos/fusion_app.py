@@ -21,8 +21,8 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline: no teleme
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `demos` and `fusion` from a checkout
 
 from demos.fusion_logic import (  # noqa: E402
-    MAX_CONCEPTS, MODES, AppConfig, PipelineCache, Session, default_model, interference_rows, list_concept_folders,
-    parse_seeds, spectrum_figure,
+    MAX_CONCEPTS, MODES, AppConfig, PipelineCache, Session, check_base, default_model, interference_rows,
+    list_concept_folders, parse_seeds, spectrum_figure,
 )
 
 __all__ = ["parse_args", "build_app", "main"]
@@ -89,8 +89,9 @@ def build_app(config: AppConfig, cache: PipelineCache, base_choices: list[str], 
         return [s, f"base {s.base_name} ready ({s.resolution}px). Add concepts.",
                 gr.update(choices=list_concept_folders(config)), *concept_views(s)]
 
-    def load_base(state, name):
+    def load_base(state, name, progress=gr.Progress()):
         try:
+            progress(0.1, desc=f"loading {name}")
             s = state or Session(config, cache)
             s.set_base(name)
             msg = f"base {s.base_name} loaded ({s.resolution}px); concepts cleared"
@@ -141,8 +142,9 @@ def build_app(config: AppConfig, cache: PipelineCache, base_choices: list[str], 
                                progress=lambda f, d: progress(f, desc=d))
         except Exception as e:  # noqa: BLE001
             return [state, fail(e, state), *keep]
-        info = (f"**{r.mode}** fusion of {len(state.concepts)} concepts in {r.seconds_fuse:.2f} s "
-                f"(total {r.seconds_total:.1f} s); {r.overlap.explain(max_layers=2).splitlines()[0]}")
+        info = (f"**{r.mode}** fusion of {len(state.concepts)} concepts in {r.seconds_fuse:.2f} s (input recording "
+                f"and metrics {r.seconds_metrics:.1f} s, total with sampling {r.seconds_total:.1f} s); "
+                f"{r.overlap.explain(max_layers=2).splitlines()[0]}")
         table = None
         if r.interference is not None:
             h, rows = interference_rows(r.interference)
@@ -241,7 +243,10 @@ def main(args: argparse.Namespace) -> None:
 
     choices = list(dict.fromkeys([model, *sorted(BUILTIN_PIPELINES)]))
     cache = PipelineCache(config.device)
-    cache.get(model)  # load the default base before serving
+    try:
+        cache.get(check_base(model, config))  # load the default base before serving
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     app, style = build_app(config, cache, choices, args.concurrency)
     print(f"concepts from {[str(d) for d in config.concepts_dirs]}; uploads staged in {upload}", flush=True)
     app.launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size="200mb",

@@ -122,7 +122,7 @@ def list_concept_folders(config: AppConfig) -> list[str]:
     out = []
     for root in config.concepts_dirs:
         for d in sorted(p for p in root.glob("*") if p.is_dir()):
-            if any((d / c / "adapter_config.json").exists() for c in COMPONENTS) or (d / "adapter_config.json").exists():
+            if any((d / c / "adapter_config.json").exists() for c in ("", *COMPONENTS)):
                 out.append(str(d))
     return out
 
@@ -274,7 +274,8 @@ class GenerateResult:
     overlap: OverlapReport
     interference: Optional[object]  # fusion.metrics.InterferenceReport (concept names, not adapter keys)
     layers: list[str]  # fused layers, most interfering first
-    seconds_fuse: float
+    seconds_fuse: float  # fusion.fuse's own time (least_squares: with its input recording)
+    seconds_metrics: float  # recording the concepts' inputs + interference metrics
     seconds_total: float
 
 
@@ -317,9 +318,10 @@ class Session:
         from diffusers import StableDiffusionPipeline
 
         b = self.base
+        scheduler = type(b.scheduler).from_config(b.scheduler.config)  # set_timesteps() mutates a scheduler
         pipe = StableDiffusionPipeline(vae=b.vae, text_encoder=self.work["text_encoder"], tokenizer=self.tokenizer,
-                                       unet=self.work["unet"], scheduler=type(b.scheduler).from_config(b.scheduler.config),
-                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+                                       unet=self.work["unet"], scheduler=scheduler, safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -480,7 +482,7 @@ class Session:
             progress(0.0, f"fusing {len(names)} concepts ({mode})")
             t1 = time.perf_counter()
             res = self._fuse(names, weights, mode, allow_overlap, metrics=True, pipe=pipe)
-            seconds_fuse = time.perf_counter() - t1
+            seconds_metrics = time.perf_counter() - t1 - res.seconds  # input recording + interference metrics
             columns = [(f"fused ({mode})", sample(f"fused ({mode})"))]
             self.last = self.fused
             for n, w in zip(names, weights):
@@ -496,8 +498,8 @@ class Session:
         layers = res.layers
         if report is not None:
             layers = sorted(report.layers, key=lambda ln: -max(report.layers[ln]["own_change"].values(), default=0))
-        return GenerateResult(gallery, len(columns), mode, self.overlap(), report, layers,
-                              seconds_fuse, time.perf_counter() - t0)
+        return GenerateResult(gallery, len(columns), mode, self.overlap(), report, layers, res.seconds,
+                              seconds_metrics, time.perf_counter() - t0)
 
     # ---- spectrum ----------------------------------------------------------------------------------
     @torch.no_grad()

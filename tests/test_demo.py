@@ -5,6 +5,7 @@ Concepts are real spectral_vision adapter folders in the layout of ``training/dr
 """
 import copy
 import hashlib
+import threading
 import zipfile
 from pathlib import Path
 
@@ -145,6 +146,19 @@ def test_generate_fuses_on_a_copy(env):
     r2 = s2.generate("a photo", [0], steps=2, guidance=3.0, strengths={"dog": 0.0}, include_base=False)
     assert r2.columns == 2
     np.testing.assert_array_equal(np.asarray(r2.gallery[0][0]), img["base"])  # fused dog at w=0
+    # concurrent sessions (as the queue runs them, one thread each) reproduce their sequential images
+    out = {}
+    threads = [threading.Thread(target=lambda k, ss, w: out.__setitem__(k, ss.generate(
+        "a photo", [0], steps=2, guidance=3.0, strengths=w, include_base=False)), args=a)
+        for a in (("s", s, {"dog": 0.0}), ("s2", s2, {"dog": 0.0}))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    np.testing.assert_array_equal(np.asarray(out["s"].gallery[0][0]), img["fused (spectral)"])
+    np.testing.assert_array_equal(np.asarray(out["s"].gallery[1][0]), img["cat alone (w=1)"])
+    np.testing.assert_array_equal(np.asarray(out["s2"].gallery[0][0]), img["base"])
+    assert {c: state_hash(getattr(base, c)) for c in ("unet", "text_encoder")} == before
     # disjoint ^R bands: every singular value kept, each concept's own-direction change is 0
     rep = r.interference
     assert rep.concepts == ["cat", "dog"] and rep.activations
@@ -173,7 +187,8 @@ def test_bad_inputs_leave_the_session_intact(env, tmp_path):
         s.add_concept(root)
     # a truncated tensor file with its genuine config: refused, staged files deleted
     (tmp_path / "adapter_config.json").write_bytes((root / "cat/unet/adapter_config.json").read_bytes())
-    (tmp_path / "adapter_model.safetensors").write_bytes((root / "cat/unet/adapter_model.safetensors").read_bytes()[:-9])
+    tensors = (root / "cat/unet/adapter_model.safetensors").read_bytes()
+    (tmp_path / "adapter_model.safetensors").write_bytes(tensors[:-9])
     with pytest.raises(sv.AdapterFileError, match="truncated or modified"):
         s.add_upload([tmp_path / "adapter_config.json", tmp_path / "adapter_model.safetensors"], "broken")
     assert not any(s.upload_dir.iterdir())

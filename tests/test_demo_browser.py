@@ -1,9 +1,9 @@
 """End to end: `python demos/fusion_app.py` on 127.0.0.1, driven by Playwright in Debian's headless Chromium.
 
-Refuses a path outside the concepts folder and an upload that is not an adapter, adds two concepts, generates, checks that the images and the
-interference table appear, and saves ``demos/screenshot.png``. Every request outside 127.0.0.1 is blocked.
-Needs ``/usr/bin/chromium`` (Debian package ``chromium``) and the ``playwright`` pip package (no browser
-download: the system Chromium is used).
+Refuses a path outside the concepts folder and an upload that is not an adapter, adds two concepts,
+generates, checks that the images and the interference table appear, and saves ``demos/screenshot.png``.
+Every request outside 127.0.0.1 is blocked. Needs ``/usr/bin/chromium`` (Debian package ``chromium``) and
+the ``playwright`` pip package (no browser download: the system Chromium is used).
 """
 import os
 import socket
