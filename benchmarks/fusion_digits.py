@@ -6,7 +6,8 @@
 
 1. Concepts (``training/digit_concepts.py``): held-out digits transformed (``bold`` dilation, ``slant``
    shear, ``invert``), each trained with ``training/dreambooth_spectral.py`` on its own band with its own
-   token (instance prompt ``"a handwritten digit sks"``), UNet adapters, per adapter method.
+   token (instance prompt ``"a handwritten digit sks"``), adapters on the UNet and the CLIP text encoder,
+   prior preservation with the same digits untransformed (class prompt ``"a handwritten digit"``).
 2. Fusion with ``fusion.pipeline.fuse_pipeline`` per mode (``spectral``, ``mean``, ``least_squares`` for
    the spectral methods; ``lora_sum``, ``mean``, ``least_squares`` for PEFT LoRA).
 3. Generations for prompts with no token, each single token and all tokens (``"a handwritten digit 3
@@ -52,10 +53,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     g.add_argument("--num_instance_images", type=int, default=50, help="held-out digits per concept (balanced)")
     g = p.add_argument_group("concept training (dreambooth_spectral.py)")
     g.add_argument("--rank", type=int, default=4)
-    g.add_argument("--max_train_steps", type=int, default=300)
+    g.add_argument("--max_train_steps", type=int, default=200)
     g.add_argument("--train_batch_size", type=int, default=8)
     g.add_argument("--learning_rate", type=float, nargs="+", default=[1e-3],
                    help="one value, or one per --methods entry")
+    g.add_argument("--no_prior_preservation", action="store_true",
+                   help="train without prior preservation (default: the untransformed instance digits are the class "
+                        "images, prompt 'a handwritten digit', so the concept binds to its token)")
+    g.add_argument("--unet_only", action="store_true",
+                   help="adapt the UNet only (default: UNet and CLIP text encoder, which binds the token better)")
+    g.add_argument("--text_encoder_lr", type=float, default=None, help="default: the method's learning rate")
     g.add_argument("--retrain", action="store_true", help="retrain concepts even if their folder is complete")
     g = p.add_argument_group("generation")
     g.add_argument("--digits", type=int, nargs="+", default=list(range(10)))
@@ -108,7 +115,9 @@ def train_concepts(args, method: str, lr: float, data: dict) -> dict[str, Path]:
     root = Path(args.work_dir) / method
     folders = {c: root / c for c in args.concepts}
     want = {c: {"adapter": method, "rank": args.rank, "max_train_steps": args.max_train_steps, "learning_rate": lr,
-                "train_batch_size": args.train_batch_size, "instance_prompt": dc.concept_prompt([c])}
+                "train_batch_size": args.train_batch_size, "instance_prompt": dc.concept_prompt([c]),
+                "with_prior_preservation": not args.no_prior_preservation,
+                "train_text_encoder": not args.unet_only}
             for c in args.concepts}
 
     def complete(c):
@@ -127,6 +136,12 @@ def train_concepts(args, method: str, lr: float, data: dict) -> dict[str, Path]:
                 "--train_batch_size", str(args.train_batch_size), "--max_train_steps", str(args.max_train_steps),
                 "--learning_rate", str(lr), "--lr_warmup_steps", "0", "--snr_gamma", "5", "--seed", "0",
                 "--report_to", "none", "--lora_export", "--checkpointing_steps", "1000000"]
+        if not args.unet_only:
+            argv += ["--train_text_encoder", "--text_encoder_lr", str(args.text_encoder_lr or lr)]
+        if not args.no_prior_preservation:
+            class_dir = dc.write_instance_set([], data["instance"], Path(args.work_dir) / "data" / "plain")
+            argv += ["--with_prior_preservation", "--class_data_dir", str(class_dir), "--class_prompt",
+                     dc.concept_prompt([]), "--num_class_images", str(len(data["instance"]))]
         db.main(db.parse_args(argv))
     return folders
 
