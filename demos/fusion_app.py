@@ -248,7 +248,8 @@ def main(args: argparse.Namespace) -> None:
     except ValueError as e:
         sys.exit(f"error: {e}")
     app, style = build_app(config, cache, choices, args.concurrency)
-    print(f"concepts from {[str(d) for d in config.concepts_dirs]}; uploads staged in {upload}", flush=True)
+    print(f"base {model}; concepts from {[str(d) for d in config.concepts_dirs]}; uploads staged in {upload}",
+          flush=True)
     app.launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size="200mb",
                footer_links=[], **style)
 
