@@ -77,7 +77,7 @@ def test_pretrain_tiny_run_resumes_exports_and_evaluates(tmp_path, monkeypatch):
     ck = torch.load(tmp_path / "run/unet_checkpoint.pt", weights_only=False)
     assert ck["step"] == 2
     rec = pre.main(pre.parse_args(common + ["--stage", "unet", "--max_train_steps", "3"]))
-    assert rec["unet_steps"] == 3  # resumed from step 2, not restarted
+    assert rec["unet_steps"] == 3 and rec["resumed_from_step"] == 2  # resumed, not restarted
     rec = pre.main(pre.parse_args(common + ["--stage", "export"]))
     meta = read_metadata(asset)
     assert meta["recipe"]["unet_steps"] == 3 and meta["recipe"]["split"]["heldout"]

@@ -215,12 +215,14 @@ def train_unet(args, d: dict, out: Path) -> dict:
     noise_sched = noise_scheduler()
     gen = torch.Generator().manual_seed(args.seed + 100)
     step, elapsed, ckpt_path = 0, 0.0, out / "unet_checkpoint.pt"
+    resumed_from = None
     if args.resume_from_checkpoint == "latest" and ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         unet.load_state_dict(ck["unet"]), opt.load_state_dict(ck["optimizer"]), lr_sched.load_state_dict(ck["lr"])
         ema = ck["ema"]
         gen.set_state(ck["generator"]), torch.set_rng_state(ck["torch_rng"])
         step, elapsed = ck["step"], ck["elapsed"]
+        resumed_from = step
         print(f"resumed from {ckpt_path} at step {step}")
 
     def checkpoint():
@@ -261,7 +263,8 @@ def train_unet(args, d: dict, out: Path) -> dict:
             p.copy_(e)
     unet.eval()
     info = {"unet_seconds": round(elapsed, 1), "unet_params": sum(p.numel() for p in unet.parameters()),
-            "final_loss_50": float(np.mean(losses[-50:])) if losses else None, "unet_steps": step}
+            "final_loss_50": float(np.mean(losses[-50:])) if losses else None, "unet_steps": step,
+            "resumed_from_step": resumed_from}
     atomic_save({"state_dict": unet.state_dict(), "info": info}, out / "unet_ema.pt")
     print(json.dumps(info))
     return info
@@ -289,12 +292,13 @@ def export(args, d: dict, out: Path, recipe: dict) -> dict:
     info = {"asset": str(args.asset), "asset_bytes": size}
     print(json.dumps(info))
     if args.eval_samples:
-        pipe = pipeline_from_asset(args.asset)  # judge what ships (fp16 round trip)
-        pipe.set_progress_bar_config(disable=True)
-        res = evaluate(pipe, recipe, num_samples=args.eval_samples)
+        shipped = pipeline_from_asset(args.asset)  # judge what ships (fp16 round trip)
+        shipped.set_progress_bar_config(disable=True)
+        res = evaluate(shipped, recipe, num_samples=args.eval_samples)
         save_grid(res.pop("samples"), out / "samples_g4.png")
         info["eval"] = res
         print(json.dumps(res, indent=1))
+        pack_pipeline(pipe, args.asset, {**recipe, "eval": res})  # same tensors; the measured numbers recorded
     return info
 
 
