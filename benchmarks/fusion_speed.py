@@ -119,10 +119,15 @@ def main(args: argparse.Namespace) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     os.environ["SPECTRAL_VISION_CACHE"] = str(work / "cache_warm")
     t = time.perf_counter()
-    if all((work / c / comp / "adapter_config.json").exists() for c in CONCEPTS for comp in PRESETS):
+    from safetensors.torch import load_file, save_file
+
+    if all((work / c / comp / "adapter_config.json").exists() for c in CONCEPTS for comp in PRESETS) \
+            and (work / "base.safetensors").exists():
+        models.load_state_dict(load_file(str(work / "base.safetensors")))  # the base the concepts were made on
         folders = [work / c for c in CONCEPTS]
-        print(f"reusing the concepts in {work}")
+        print(f"reusing the concepts and base weights in {work}")
     else:
+        save_file({k: v.contiguous() for k, v in models.state_dict().items()}, str(work / "base.safetensors"))
         folders = make_concepts(models, work, args.rank)
         print(f"made {len(folders)} concepts (attach + SVD + save) in {time.perf_counter() - t:.1f} s")
     originals = {n: p.detach().clone() for n, p in models.state_dict().items()}
