@@ -172,7 +172,8 @@ def fused_pipe(base, folders: dict[str, Path], mode: str):
 
     pipe = copy.deepcopy(base)
     res = fuse_pipeline(pipe, [str(f) for f in folders.values()], mode=mode, names=list(folders), metrics=False,
-                        progress=False, seeds=(0, 1), timesteps=(999, 700, 400, 100))
+                        prompts=[dc.concept_prompt([c]) for c in folders], progress=False, seeds=(0, 1),
+                        timesteps=(999, 700, 400, 100))
     return pipe, res.seconds
 
 
