@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -53,6 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--timesteps", type=int, nargs="+", default=[500])
     g = p.add_argument_group("output")
     g.add_argument("--modes", nargs="+", default=["spectral", "mean", "weighted", "lora_sum", "least_squares"])
+    g.add_argument("--repeat", type=int, default=3,
+                   help="timed runs of each closed-form mode (median reported; least_squares runs once)")
     g.add_argument("--cold", action="store_true", help="also time loading the concepts with an empty SVD cache")
     g.add_argument("--workdir", default=None,
                    help="keep the concept folders and SVD cache here; a second run reuses them (same seeds)")
@@ -109,6 +112,28 @@ def run_fn(container: nn.ModuleDict, batch) -> None:
     container["unet"](torch.randn(1, 4, latent, latent, generator=g), torch.tensor([t]), encoder_hidden_states=emb)
 
 
+def run_mode(models: nn.ModuleDict, folders: list[Path], mode: str, args):
+    """Load the 3 concepts (PEFT LoRA ones for lora_sum) and fuse them; returns ``(FusionResult, load seconds)``."""
+    t = time.perf_counter()
+    if mode == "lora_sum":
+        from spectral_vision.baselines import attach_peft
+
+        for i, c in enumerate(CONCEPTS):
+            for comp, model in models.items():
+                attach_peft(model, "lora", args.rank, PRESETS[comp], adapter_name=c)
+                perturb_trainable(model, seed=10 + i)
+    else:
+        for comp, model in models.items():
+            load_concepts(model, [f / comp for f in folders], list(CONCEPTS))
+    load_s = time.perf_counter() - t
+    inputs = None
+    if mode == "least_squares":
+        inputs = {c: [(s, ts, args.latent) for s in range(args.seeds) for ts in args.timesteps] for c in CONCEPTS}
+    with torch.no_grad():
+        res = fuse(models, list(CONCEPTS), mode=mode, inputs=inputs, run_fn=run_fn, progress=False)
+    return res, load_s
+
+
 def main(args: argparse.Namespace) -> dict:
     t = time.perf_counter()
     models = build(args.quick)
@@ -131,32 +156,26 @@ def main(args: argparse.Namespace) -> dict:
         folders = make_concepts(models, work, args.rank)
         print(f"made {len(folders)} concepts (attach + SVD + save) in {time.perf_counter() - t:.1f} s")
     originals = {n: p.detach().clone() for n, p in models.state_dict().items()}
+    t = time.perf_counter()  # untimed warm-up (first-touch allocations, BLAS thread start): not charged to a mode
+    for comp, model in models.items():
+        load_concepts(model, [f / comp for f in folders], list(CONCEPTS))
+    fuse(models, list(CONCEPTS), mode="mean", progress=False)
+    models.load_state_dict(originals)
+    print(f"warm-up (load + mean fusion, untimed) {time.perf_counter() - t:.1f} s")
     results = {}
     for mode in args.modes:
-        if mode == "lora_sum":
-            from spectral_vision.baselines import attach_peft
-
-            t = time.perf_counter()
-            for i, c in enumerate(CONCEPTS):
-                for comp, model in models.items():
-                    attach_peft(model, "lora", args.rank, PRESETS[comp], adapter_name=c)
-                    perturb_trainable(model, seed=10 + i)
-            names, load_s = list(CONCEPTS), time.perf_counter() - t
-        else:
-            t = time.perf_counter()
-            for comp, model in models.items():
-                load_concepts(model, [f / comp for f in folders], list(CONCEPTS))
-            names, load_s = list(CONCEPTS), time.perf_counter() - t
-        inputs = None
-        if mode == "least_squares":
-            inputs = {c: [(s, ts, args.latent) for s in range(args.seeds) for ts in args.timesteps] for c in names}
-        with torch.no_grad():
-            res = fuse(models, names, mode=mode, inputs=inputs, run_fn=run_fn, progress=False)
-        results[mode] = {"fuse_s": res.seconds, "load_s": load_s, "layers": len(res.layers),
+        times, loads = [], []
+        for _ in range(1 if mode == "least_squares" else args.repeat):
+            res, load_s = run_mode(models, folders, mode, args)
+            times.append(res.seconds)
+            loads.append(load_s)
+            models.load_state_dict(originals)  # back to the base for the next run
+        med = statistics.median(times)
+        results[mode] = {"fuse_s": med, "fuse_runs_s": times, "load_s": statistics.median(loads),
+                         "layers": len(res.layers),
                          "record_s": res.info.get("seconds_record", 0.0) if mode == "least_squares" else 0.0}
-        print(f"{mode:>14}: fuse {res.seconds:8.2f} s  (load adapters {load_s:6.2f} s, {len(res.layers)} layers)",
-              flush=True)
-        models.load_state_dict(originals)  # back to the base for the next mode
+        print(f"{mode:>14}: fuse {med:8.2f} s median of {len(times)} {[round(x, 2) for x in times]}  "
+              f"(load adapters {results[mode]['load_s']:6.2f} s, {len(res.layers)} layers)", flush=True)
     base = results.get("spectral", {}).get("fuse_s")
     if base:
         print("\nratios (mode fuse time / spectral fuse time):")
