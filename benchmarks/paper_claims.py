@@ -112,14 +112,21 @@ class Store:
     def __init__(self, out: Path, section: str, settings: dict):
         self.path = out / f"{section}.json"
         old = json.loads(self.path.read_text()) if self.path.exists() else {}
-        strip = lambda d: {k: v for k, v in (d or {}).items() if k not in self.SCOPE}  # noqa: E731
-        same = strip(old.get("settings")) == strip(settings)  # else: other settings, start afresh
+        same = self._strip(old.get("settings")) == self._strip(settings)  # else: other settings, start afresh
         self.data = {"settings": settings, "runs": old.get("runs", {}) if same else {}, "extra": old.get("extra", {})}
+
+    def _strip(self, settings) -> dict:
+        return {k: v for k, v in (settings or {}).items() if k not in self.SCOPE}
 
     def get(self, key):
         return self.data["runs"].get(key)
 
     def put(self, key, value):
+        """Add one run; runs written meanwhile by another process on the same section are kept."""
+        if self.path.exists():
+            disk = json.loads(self.path.read_text())
+            if self._strip(disk.get("settings")) == self._strip(self.data["settings"]):
+                self.data["runs"] = {**disk.get("runs", {}), **self.data["runs"]}
         self.data["runs"][key] = value
         atomic_write_json(self.path, self.data)
 
