@@ -18,8 +18,10 @@ sys.path.insert(0, str(ROOT / "training"))
 import common  # noqa: E402
 import dreambooth_spectral as db  # noqa: E402
 
+# the random-weight tiny base (the script's default is the trained builtin:digits)
+BASE = ["--pretrained_model_name_or_path", "builtin:tiny-sd"]
 # the same run everywhere (in process, killed + resumed, ...): text encoder too, accumulation, flips, warmup
-TRAIN = ["--max_train_steps", "10", "--checkpointing_steps", "2", "--checkpoints_total_limit", "2",
+TRAIN = [*BASE, "--max_train_steps", "10", "--checkpointing_steps", "2", "--checkpoints_total_limit", "2",
          "--train_batch_size", "1", "--gradient_accumulation_steps", "2", "--lr_scheduler", "linear",
          "--lr_warmup_steps", "2", "--seed", "0", "--band", "0", "--train_text_encoder", "--random_flip"]
 
@@ -34,7 +36,7 @@ def reset_accelerate():
 def run_main(argv):
     reset_accelerate()
     try:
-        return db.main(db.parse_args(argv))
+        return db.main(db.parse_args(BASE + argv))  # a later --pretrained_model_name_or_path wins
     finally:
         reset_accelerate()
 
@@ -199,7 +201,7 @@ def test_resume_after_sigkill_replays_the_run(run, tmp_path):
 
 # ---- precision, prior preservation, DDP ----------------------------------------------------------------------------
 def test_bf16_prior_preservation_snr(tmp_path):
-    argv = ["--output_dir", str(tmp_path / "dog"), "--mixed_precision", "bf16", "--max_train_steps", "2",
+    argv = [*BASE, "--output_dir", str(tmp_path / "dog"), "--mixed_precision", "bf16", "--max_train_steps", "2",
             "--train_batch_size", "1", "--lr_warmup_steps", "0", "--seed", "1", "--report_to", "none",
             "--with_prior_preservation", "--class_data_dir", str(tmp_path / "class"), "--class_prompt", "a cat",
             "--num_class_images", "2", "--class_inference_steps", "2", "--sample_batch_size", "2",
@@ -236,7 +238,7 @@ def test_ddp_two_cpu_processes_end_with_the_same_adapter(tmp_path):
     out = tmp_path / "cat"
     env = dict(env_for_subprocess(), ACCELERATE_USE_CPU="1")  # accelerate: gloo DDP on CPU
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT), *BASE,
            "--output_dir", str(out), "--max_train_steps", "3", "--train_batch_size", "1", "--lr_warmup_steps", "0",
            "--seed", "0", "--report_to", "none", "--no_register", "--checkpointing_steps", "2"]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400)

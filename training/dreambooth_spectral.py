@@ -13,7 +13,7 @@ exact LoRA export (diffusers/PEFT and kohya keys), atomic checkpoints and an exa
       --adapter spectral_a --rank 4 --band auto --resolution 512 --train_batch_size 1 \\
       --learning_rate 1e-4 --lr_warmup_steps 0 --max_train_steps 500 --mixed_precision fp16
 
-    # offline default: random-weight builtin:tiny-sd + scikit-image's cat photo, runs on a CPU
+    # offline default: the trained builtin:digits base + scikit-image's cat photo, runs on a CPU
     python training/dreambooth_spectral.py --output_dir concepts/chelsea --max_train_steps 50
 
 Determinism: the data order (per epoch), augmentations, VAE sampling, noise and timesteps are pure
@@ -72,8 +72,9 @@ class InputError(ValueError):
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model")
-    g.add_argument("--pretrained_model_name_or_path", default="builtin:tiny-sd",
-                   help="hub id, local save_pretrained folder, or builtin:tiny-sd (offline, RANDOM weights)")
+    g.add_argument("--pretrained_model_name_or_path", default="builtin:digits",
+                   help="hub id, local save_pretrained folder, builtin:digits (offline, trained on sklearn digits; the default) "
+                        "or builtin:tiny-sd (offline, RANDOM weights)")
     g.add_argument("--revision", default=None, help="hub revision of the model")
     g.add_argument("--variant", default=None, help="weight variant, e.g. fp16")
     g.add_argument("--tokenizer_name", default=None, help="tokenizer name or path if not the model's")
