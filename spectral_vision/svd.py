@@ -6,14 +6,14 @@ for the reshape convention of convolutions). Two algorithms:
 
 * ``exact``: :func:`torch.linalg.svd` (thin), then truncated to the top ``k`` triplets;
 * ``randomized``: the Halko et al. range finder with oversampling and power iterations, with a
-  fixed CPU-drawn probe so that it is deterministic on every device; only the top ``k`` triplets
-  are computed (``O(out·in·k)``: under a second on a 2-core CPU for a 768x3072 ViT-B weight at k=8,
-  where the full SVD takes seconds).
+  fixed CPU-drawn probe so that it is deterministic on every device; it computes the top
+  ``RSVD_BLOCK`` (256) triplets, or whole multiples of it, in ``O(out·in·block)`` and slices them.
 
-``auto`` (the default) is exact when ``min(out, in) <= 256`` or ``k`` is over a quarter of it,
-randomized otherwise. Methods whose guarantees need exact singular vectors (e.g. ^R keeping every
-singular value of the base, to rounding) get them with ``svd="exact"``; with ``randomized`` they
-hold to the accuracy of the top triplets (high for the decaying spectra of pretrained weights).
+``auto`` (the default) is exact when ``min(out, in) <= 1024`` (ViT-B, SD's 320-768 layers) or
+many columns are needed, randomized otherwise (computed over whole blocks of ``RSVD_BLOCK`` top
+triplets, so the result does not depend on which band inside a block was asked for). Guarantees
+that need exact singular vectors (^R keeping every singular value of the base to rounding) hold
+exactly with ``svd="exact"`` and, with ``randomized``, to the accuracy of the top triplets.
 
 Results are **sign-canonical** (:func:`canonicalize_signs`) and cached on disk keyed by a hash of
 the weight's bytes, so decomposing the same base a second time costs a file read.
@@ -32,8 +32,12 @@ from safetensors.torch import load_file, save_file
 
 __all__ = ["Basis", "decompose", "canonicalize_signs", "weight_hash", "cache_dir", "sigma_fingerprint"]
 
-#: Up to this smaller dimension, ``auto`` always uses the exact SVD (cheap at that size).
-EXACT_MAX_DIM = 256
+#: Up to this smaller dimension, ``auto`` always uses the exact SVD.
+EXACT_MAX_DIM = 1024
+#: The randomized SVD always computes a whole block of this many top triplets (or all) and slices
+#: it, so every band inside one block comes from the very same computation: concepts trained
+#: separately on bands 0 and 1 get exactly the same (hence orthogonal) singular vectors.
+RSVD_BLOCK = 256
 
 
 @dataclass
@@ -150,8 +154,8 @@ def decompose(
     Args:
         weight: ``(out, in)`` matrix of any float dtype and device.
         k: number of top triplets (default: all, ``min(out, in)``).
-        method: ``"exact"``, ``"randomized"`` or ``"auto"`` (exact when ``min(out, in) <= 256`` or
-            ``k`` is over a quarter of it, else randomized).
+        method: ``"exact"``, ``"randomized"`` or ``"auto"`` (exact when ``min(out, in) <= 1024`` or
+            the block of ``k`` is over a quarter of it, else randomized over whole blocks of 256).
         oversample, power_iters: randomized SVD settings (extra probe columns, subspace iterations).
         cache: read/write the on-disk cache keyed by the weight's hash.
 
@@ -164,20 +168,21 @@ def decompose(
     k = full if k is None else int(k)
     if not 1 <= k <= full:
         raise ValueError(f"k={k} is out of range for a weight of shape {tuple(weight.shape)} (1..{full})")
+    block = min(full, RSVD_BLOCK * -(-k // RSVD_BLOCK))  # k rounded up to whole blocks
     if method == "auto":
-        method = "exact" if (full <= EXACT_MAX_DIM or 4 * k > full) else "randomized"
+        method = "exact" if (full <= EXACT_MAX_DIM or 4 * block > full) else "randomized"
     if method not in ("exact", "randomized"):
         raise ValueError(f"unknown SVD method {method!r}: use 'exact', 'randomized' or 'auto'")
     key = weight_hash(weight)
-    tag = method if method == "exact" else f"rsvd-o{oversample}-p{power_iters}"
+    tag = "exact" if method == "exact" else f"rsvd{block}-o{oversample}-p{power_iters}"
     path = cache_dir() / f"{key}-{tag}.safetensors"
     got = _load_cached(path, k, weight.device) if cache else None
     if got is None:
         W = weight.detach().float()
-        U, S, V = _exact(W, k) if method == "exact" else _randomized(W, k, oversample, power_iters)
+        U, S, V = _exact(W, k) if method == "exact" else _randomized(W, block, oversample, power_iters)
         U, V = canonicalize_signs(U, V)
         if cache:
             _store_cached(path, U, S, V)
-        got = (U, S, V)
+        got = (U[:, :k], S[:k], V[:, :k])
     U, S, V = got
     return Basis(U.contiguous(), S.contiguous(), V.contiguous(), method, key)

@@ -65,3 +65,14 @@ def test_decompose_rejects_bad_input():
         decompose(torch.randn(4, 6), k=5)
     with pytest.raises(ValueError, match="unknown SVD method"):
         decompose(torch.randn(4, 6), method="qr")
+
+
+def test_randomized_bands_come_from_one_computation():
+    """Concepts on bands 0 and 1 of a wide layer must get the same, mutually orthogonal vectors."""
+    W = torch.randn(300, 1100)
+    a = decompose(W, 4, method="randomized", cache=False)
+    b = decompose(W, 8, method="randomized", cache=False)
+    assert torch.equal(a.U, b.U[:, :4]) and torch.equal(a.V, b.V[:, :4])
+    assert (b.U.T @ b.U - torch.eye(8)).abs().max() < 1e-5
+    auto = decompose(torch.randn(1100, 1300), 8)  # above EXACT_MAX_DIM: randomized, one block
+    assert auto.method == "randomized" and auto.k == 8
