@@ -232,3 +232,23 @@ def test_llm_finetune_causal_lm_two_steps(tmp_path):
     res = lf.main(args)
     assert res["steps"] == 2 and math.isfinite(res["metrics"]["eval_loss"]) and res["metrics"]["perplexity"] > 1
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_spectral_trainer_resume_matches_uninterrupted_run(tmp_path):
+    from transformers import TrainingArguments
+
+    b = batch("tiny-llama", n=8)
+    ds = [{k: v[i] for k, v in b.items()} for i in range(8)]
+
+    def trainer(out, model):
+        args = TrainingArguments(output_dir=str(out), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2,
+                                 use_cpu=True, report_to=[], save_steps=1, disable_tqdm=True, seed=0)
+        return svt.SpectralTrainer(model=model, args=args, train_dataset=ds)
+
+    full = svt.prepare_model_for_training(build("tiny-llama"), method="spectral_a", rank=2)
+    trainer(tmp_path / "a", full).train()
+    resumed = svt.prepare_model_for_training(build("tiny-llama"), method="spectral_a", rank=2)
+    trainer(tmp_path / "a", resumed).train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-1"))
+    trained = [n for n, p in full.named_parameters() if p.requires_grad]
+    got = dict(resumed.named_parameters())
+    assert trained and all(torch.allclose(got[n], p) for n, p in full.named_parameters() if p.requires_grad)
