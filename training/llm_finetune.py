@@ -50,6 +50,8 @@ def parse_args(argv=None):
     g.add_argument("--torch_dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="dtype of the frozen base weights (adapters stay float32)")
     g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument("--ignore_mismatched_sizes", action="store_true",
+                   help="load a checkpoint whose classification head has another number of labels (new head)")
     g = p.add_argument_group("data")
     g.add_argument("--task", choices=["classification", "causal_lm"], default="classification")
     g.add_argument("--dataset", choices=["bbc_news"], default=None, help="built-in offline dataset")
@@ -136,7 +138,7 @@ def load_records(args) -> tuple[list, list, list]:
 
         data = load_bbc_news()
         tr, te = few_shot_split(data.labels, args.train_per_class, args.test_per_class, args.data_seed)
-        rec = [{"text": t, "label": int(y)} for t, y in zip(data.texts, data.labels)]
+        rec = [{"text": t, "label": data.classes[y]} for t, y in zip(data.texts, data.labels)]
         args.text_column, args.label_column = "text", "label"
         return [rec[i] for i in tr], [rec[i] for i in te], data.classes
     if args.dataset_name:
@@ -208,7 +210,8 @@ def build_model(args, num_labels: int):
     else:
         tok = AutoTokenizer.from_pretrained(args.tokenizer_name or args.model_name_or_path)
         cls = AutoModelForSequenceClassification if args.task == "classification" else AutoModelForCausalLM
-        kw = {"num_labels": num_labels} if args.task == "classification" else {}
+        kw = {"num_labels": num_labels, "ignore_mismatched_sizes": args.ignore_mismatched_sizes} \
+            if args.task == "classification" else {}
         model = cls.from_pretrained(args.model_name_or_path, dtype=dtype, **kw)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
