@@ -251,11 +251,7 @@ def write_weights(model: nn.Module, fused: dict[str, torch.Tensor], names: Seque
     for lname, W in fused.items():
         module = model.get_submodule(lname)
         if isinstance(module, SpectralLayer):
-            w = module.base_layer.weight
-            if module._original_weight is None:
-                module._original_weight = w.detach().clone()
-            w.copy_(module.to_base_layout(W).to(w.dtype))
-            module.merged_adapters = [n for n in names if n in module.adapters]
+            module.set_merged_weight(W, [n for n in names if n in module.adapters])
             module.active_adapters = list(module.merged_adapters)
         elif lname in peft and not unload:
             w = peft[lname].get_base_layer().weight

@@ -152,11 +152,17 @@ class SpectralLayer(nn.Module):
         names = [n for n in (self.active_adapters if names is None else names) if n not in self.merged_adapters]
         if not names:
             return
+        self.set_merged_weight(self.weight_2d() + self.delta_weight(names), self.merged_adapters + names)
+
+    @torch.no_grad()
+    def set_merged_weight(self, W: torch.Tensor, names: list[str]) -> None:
+        """Write a merged ``W (out, in)`` into the base weight and mark ``names`` as merged (used by
+        :meth:`merge` and by fusion). The original weight is kept, so :meth:`unmerge` is bit-exact."""
         w = self.base_layer.weight
         if self._original_weight is None:
             self._original_weight = w.detach().clone()
-        w.copy_((w.float() + self.to_base_layout(self.delta_weight(names))).to(w.dtype))
-        self.merged_adapters += names
+        w.copy_(self.to_base_layout(W).to(w.dtype))
+        self.merged_adapters = list(names)
 
     @torch.no_grad()
     def unmerge(self) -> None:
