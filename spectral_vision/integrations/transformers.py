@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .. import SpectralConfig, adapter_names, load_adapter, read_adapter, save_adapter, spectral_layers
-from ..baselines import attach_adapter, is_peft_method
+from ..baselines import attach_adapter
 from ..io import _atomic_write
 
 __all__ = [
