@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
 
+import spectral_vision as sv
+
 __all__ = ["BandRegistry", "band_columns", "find_overlaps", "OverlapReport", "LayerOverlap", "REGISTRY_NAME"]
 
 REGISTRY_NAME = "bands.json"
@@ -32,10 +34,9 @@ _VERSION = 1
 
 
 def band_columns(band: int, rank: int) -> list[int]:
-    """Singular indices of band ``band`` at rank ``rank``: ``[band*rank, (band+1)*rank)``."""
-    if band < 0 or rank < 1:
-        raise ValueError(f"band must be >= 0 and rank >= 1, got band={band}, rank={rank}")
-    return list(range(band * rank, (band + 1) * rank))
+    """Singular indices of band ``band`` at rank ``rank``: ``[band*rank, (band+1)*rank)`` (the core's rule,
+    :meth:`spectral_vision.SpectralConfig.band_columns`; it raises ``ValueError`` on a bad band or rank)."""
+    return sv.SpectralConfig(rank=rank, band=band).band_columns()
 
 
 @contextlib.contextmanager
