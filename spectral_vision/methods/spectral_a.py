@@ -24,8 +24,8 @@ class SpectralAdapterA(SpectralDelta):
         super().__init__(basis, weight, cfg, columns)
         self.register_basis(basis)
         r = self.columns.numel()
-        self.A_U = nn.Parameter(torch.zeros(self.out_features, r))
-        self.A_V = nn.Parameter(torch.zeros(self.in_features, r))
+        self.A_U = nn.Parameter(torch.zeros(self.out_features, r, device=self.U.device))
+        self.A_V = nn.Parameter(torch.zeros(self.in_features, r, device=self.U.device))
 
     def delta_weight(self) -> torch.Tensor:
         Up, Vp = self.U + self.A_U, self.V + self.A_V  # (out, r), (in, r)

@@ -36,8 +36,8 @@ class SpectralAdapterR(SpectralDelta):
         super().__init__(basis, weight, cfg, columns)
         self.register_basis(basis)
         r = self.columns.numel()
-        self.skew_U = nn.Parameter(torch.zeros(r * (r - 1) // 2))
-        self.skew_V = nn.Parameter(torch.zeros(r * (r - 1) // 2))
+        self.skew_U = nn.Parameter(torch.zeros(r * (r - 1) // 2, device=self.columns.device))
+        self.skew_V = nn.Parameter(torch.zeros(r * (r - 1) // 2, device=self.columns.device))
 
     def rotations(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(R_U, R_V)``, each ``(r, r)`` orthogonal."""

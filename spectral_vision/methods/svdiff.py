@@ -33,7 +33,7 @@ class SVDiff(SpectralDelta):
     def __init__(self, basis, weight, cfg, columns):
         super().__init__(basis, weight, cfg, columns)
         self.register_basis(basis)
-        self.delta = nn.Parameter(torch.zeros(self.columns.numel()))  # δ (n,)
+        self.delta = nn.Parameter(torch.zeros(self.columns.numel(), device=self.columns.device))  # δ (n,)
 
     def shift(self) -> torch.Tensor:
         """``α (ReLU(σ + δ) − σ)`` of shape ``(n,)``: the change of each singular value."""
