@@ -163,6 +163,50 @@ def test_trainer_bf16_and_accelerate_step(tmp_path):
     assert json.loads((out / "adapter_meta.json").read_text())["model_class"] == "GPT2LMHeadModel"
 
 
+def test_roberta_head_saved_whole_not_adapted_and_reloads_exactly_under_another_rng_state(tmp_path):
+    """Issue 18.4: the new classifier.dense must not be adapted (its basis is a random init): trained and
+    saved whole, so a reload under another RNG state (another head init, as in another process) gives the
+    same logits bit for bit."""
+    from transformers import RobertaConfig, RobertaForSequenceClassification, RobertaModel
+
+    cfg = RobertaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=40, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    RobertaModel(cfg, add_pooling_layer=False).save_pretrained(tmp_path / "base")  # the "pretrained" body
+    torch.manual_seed(1)
+    model = RobertaForSequenceClassification.from_pretrained(tmp_path / "base", num_labels=3)
+    svt.prepare_model_for_training(model, method="spectral_a", rank=2)
+    adapted = [n for n, _ in sv.spectral_layers(model)]
+    assert len(adapted) == 12 and not any(n.startswith("classifier") for n in adapted)
+    assert type(model.classifier.dense) is torch.nn.Linear and model.classifier.dense.weight.requires_grad
+    perturb(model)  # adapters and the head move away from their init, as after training
+    model.eval()
+    ids = torch.randint(3, 64, (4, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    out = svt.save_pretrained(model, tmp_path / "adapter")
+    from safetensors.torch import load_file
+
+    heads = load_file(str(out / "modules_to_save.safetensors"))
+    assert sorted(heads) == sorted(f"classifier.{k}" for k in model.classifier.state_dict())
+    assert torch.equal(heads["classifier.dense.weight"], model.classifier.dense.weight)
+    meta = json.loads((out / "adapter_config.json").read_text())
+    assert not any(n.startswith("classifier") for n in meta["layers"])
+    torch.manual_seed(7)  # another RNG state: the new head is initialised differently
+    fresh = RobertaForSequenceClassification.from_pretrained(tmp_path / "base", num_labels=3)
+    assert not torch.equal(fresh.classifier.dense.weight, model.classifier.dense.weight)
+    svt.load_pretrained(fresh, out).eval()
+    with torch.no_grad():
+        assert torch.equal(fresh(input_ids=ids).logits, logits)
+    # an incomplete heads file is refused, not half-loaded onto a random head
+    from safetensors.torch import save_file
+
+    save_file({k: v for k, v in heads.items() if "out_proj" not in k}, str(out / "modules_to_save.safetensors"))
+    with pytest.raises(ValueError, match="lacks.*classifier.out_proj"):
+        svt.load_pretrained(RobertaForSequenceClassification.from_pretrained(tmp_path / "base", num_labels=3), out)
+
+
 # ---- training/llm_finetune.py -------------------------------------------------------------------------------
 def _word_tokenizer(texts):
     """A real fast tokenizer (word level) built from the data, so the test needs no vocabulary download."""
@@ -209,8 +253,8 @@ def test_llm_finetune_classification_two_steps_and_resume(tmp_path):
     # a PEFT baseline through the same recipe
     res_l = lf.main(lf.parse_args(common[:-6] + ["--output_dir", str(tmp_path / "lora"), "--max_train_steps", "2"]
                                   + ["--method", "lora"]))
-    assert res_l["params"]["adapter"] == sum(2 * (o + i) for o, i in [(32, 32)] * 8 + [(64, 32), (32, 64)] * 2
-                                             + [(32, 32)])  # q,k,v,attn-out x2 layers, ffn in/out, pooler
+    assert res_l["params"]["adapter"] == sum(2 * (o + i) for o, i in [(32, 32)] * 8 + [(64, 32), (32, 64)] * 2)
+    # q,k,v,attn-out x2 layers, ffn in/out: not the pretrained pooler, not the head
 
 
 def test_llm_finetune_causal_lm_two_steps(tmp_path):

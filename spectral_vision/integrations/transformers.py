@@ -7,17 +7,21 @@
     save_pretrained(model, "out/adapter")                       # adapter folder next to the model, like PEFT
     load_pretrained(AutoModelForSequenceClassification.from_pretrained(path, num_labels=5), "out/adapter")
 
-Target presets (:data:`spectral_vision.presets.PRESETS`) are picked from ``config.model_type``:
-LLaMA/Mistral/Qwen-style -> ``llama``, BERT family -> ``bert``, GPT-2 (``Conv1D``) -> ``gpt2``.
-Task heads that are new at fine-tuning time (``classifier`` / ``score``) are trained in full and saved
-with the adapter (PEFT's ``modules_to_save``). Adapter parameters stay float32 whatever the base dtype
+Target presets come from the one table :data:`spectral_vision.presets.PRESETS`, picked from
+``config.model_type`` (:func:`spectral_vision.presets.default_preset`): bert, roberta, mpnet, deberta_v2,
+llama, mistral, qwen2, gpt2, t5. They hold the attention and MLP projections of the blocks only.
+Task heads (``classifier``, ``score``, a top-level ``pooler``, ...) are new at fine-tuning time: their
+singular basis would come from a random init, so they are **never adapted spectrally**; they are trained
+in full and saved whole with the adapter (PEFT's ``modules_to_save``), also when ``target_modules`` would
+match them. Adapter parameters stay float32 whatever the base dtype
 (as PEFT's ``autocast_adapter_dtype``); the forward casts the factors to the activation dtype, so
 bf16 bases and ``torch.autocast(dtype=torch.bfloat16)`` (``TrainingArguments(bf16=True)``) both work.
 """
 from __future__ import annotations
 
-import json
 import os
+import re
+import warnings
 from pathlib import Path
 from typing import Optional, Union
 
@@ -26,21 +30,18 @@ from torch import nn
 
 from .. import SpectralConfig, adapter_names, load_adapter, read_adapter, save_adapter, spectral_layers
 from ..baselines import attach_adapter
-from ..io import _atomic_write
+from ..fileio import atomic_write, atomic_write_json
+from ..presets import MODEL_TYPE_PRESETS, default_preset, match_targets
 
 __all__ = [
     "MODEL_TYPE_PRESETS", "default_target_modules", "head_modules", "prepare_model_for_training",
     "save_pretrained", "load_pretrained", "load_adapter_state", "SpectralTrainer",
 ]
 
-#: ``config.model_type`` -> preset name in :data:`spectral_vision.presets.PRESETS`
-MODEL_TYPE_PRESETS = {
-    **dict.fromkeys(("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen2_moe", "gemma", "gemma2", "gemma3_text",
-                     "phi3", "olmo", "olmo2", "granite", "smollm3"), "llama"),
-    **dict.fromkeys(("bert", "roberta", "xlm-roberta", "electra", "camembert", "ernie"), "bert"),
-    "gpt2": "gpt2",
-}
-HEAD_NAMES = ("classifier", "score")  # new task heads of *ForSequenceClassification / *ForTokenClassification
+#: top-level task heads new at fine-tuning time: *ForSequenceClassification / *ForTokenClassification
+#: (classifier, score), DeBERTa's ContextPooler (pooler), T5ForSequenceClassification (classification_head),
+#: *ForQuestionAnswering (qa_outputs). A base model's own pooler (bert.pooler) is not top-level.
+HEAD_NAMES = ("classifier", "score", "pooler", "classification_head", "qa_outputs")
 HEADS_FILE = "modules_to_save.safetensors"
 TRAINABLE_FILE = "trainable_state.safetensors"  # PEFT baselines: every trainable tensor, model names
 
@@ -50,12 +51,20 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def default_target_modules(model: nn.Module) -> str:
-    """The preset for ``model.config.model_type``; a clear error for unknown families."""
-    mtype = getattr(getattr(_unwrap(model), "config", None), "model_type", None)
-    if mtype not in MODEL_TYPE_PRESETS:
-        raise ValueError(f"no target preset for model_type {mtype!r}; pass target_modules= (a preset name, a regex or "
-                         f"a list of module names). Known model types: {sorted(MODEL_TYPE_PRESETS)}")
-    return MODEL_TYPE_PRESETS[mtype]
+    """The preset for ``model.config.model_type`` (:func:`spectral_vision.presets.default_preset`)."""
+    return default_preset(_unwrap(model))
+
+
+def _head_exclude(heads: list[str], exclude):
+    """``exclude`` (any target spec, or None) extended with every module inside ``heads``, as one regex."""
+    parts = [rf"({'|'.join(map(re.escape, heads))})(\..*)?"] if heads else []
+    if isinstance(exclude, str):
+        from ..presets import PRESETS
+
+        parts.append(PRESETS[exclude]["regex"] if exclude in PRESETS else exclude)
+    elif exclude:
+        parts += [rf"(.*\.)?{re.escape(t)}" for t in exclude]  # list: suffix match, as the list syntax
+    return "|".join(f"(?:{p})" for p in parts) or None
 
 
 def head_modules(model: nn.Module) -> list[str]:
@@ -92,16 +101,35 @@ def prepare_model_for_training(
         gradient_checkpointing_kwargs: for ``torch.utils.checkpoint`` (default ``{"use_reentrant": False}``).
         method_kwargs: more :func:`spectral_vision.baselines.attach_adapter` arguments (``alpha``, ``band``, ...).
 
+    Modules inside ``modules_to_save`` are never adapted, whatever ``target_modules`` says (a warning
+    names the ones excluded): a trained head is saved whole.
+
     Returns ``model``: base frozen; the adapter and ``modules_to_save`` trainable.
     """
+    heads = head_modules(model) if modules_to_save == "auto" else list(modules_to_save or [])
+    targets = cfg.target_modules if cfg is not None else target_modules
+    if targets is None or targets == "auto":
+        targets = default_target_modules(model)
+    user_exclude = cfg.exclude_modules if cfg is not None else method_kwargs.pop("exclude_modules", None)
+    exclude = _head_exclude(heads, user_exclude)
+    if heads:
+        try:
+            hit = set(match_targets(_unwrap(model), targets, user_exclude)) - set(
+                match_targets(_unwrap(model), targets, exclude))
+        except ValueError:
+            hit = set()
+        if hit:
+            warnings.warn(f"target_modules {targets!r} match {sorted(hit)} inside the task head(s) {heads}: "
+                          "not adapted (heads are trained in full and saved whole, modules_to_save)", stacklevel=2)
     if cfg is not None:
+        import dataclasses
+
         from .. import attach
 
-        attach(model, cfg, adapter_name)
+        attach(model, dataclasses.replace(cfg, target_modules=targets, exclude_modules=exclude), adapter_name)
     else:
-        targets = target_modules if target_modules is not None else default_target_modules(model)
-        attach_adapter(model, method, rank, targets, adapter_name=adapter_name, **method_kwargs)
-    heads = head_modules(model) if modules_to_save == "auto" else list(modules_to_save or [])
+        attach_adapter(model, method, rank, targets, adapter_name=adapter_name, exclude_modules=exclude,
+                       **method_kwargs)
     for name in heads:
         for p in _unwrap(model).get_submodule(name).parameters():
             p.requires_grad_(True)
@@ -127,7 +155,7 @@ def _meta(model: nn.Module, heads: list[str]) -> dict:
 def _save_tensors(tensors: dict, path: Path) -> None:
     from safetensors.torch import save_file
 
-    _atomic_write(path, lambda f: save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, f,
+    atomic_write(path, lambda f: save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, f,
                                             metadata={"format": "pt"}))
 
 
@@ -155,19 +183,28 @@ def save_pretrained(model: nn.Module, save_directory: Union[str, Path], adapter_
         if not state:
             raise ValueError("the model has no spectral adapter and no trainable parameter: nothing to save")
         _save_tensors(state, path / TRAINABLE_FILE)
-        _atomic_write(path / "adapter_meta.json", lambda f: Path(f).write_text(json.dumps(meta, indent=1)))
+        atomic_write_json(path / "adapter_meta.json", meta)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(path))
     return path
 
 
 def _load_heads(model: nn.Module, path: Path) -> None:
+    """Restore the heads saved whole; refuse a file that lacks a tensor of a saved head or has unknown ones."""
     from safetensors.torch import load_file
 
-    if (path / HEADS_FILE).exists():
-        missing, unexpected = model.load_state_dict(load_file(str(path / HEADS_FILE)), strict=False)
-        if unexpected:
-            raise ValueError(f"{path / HEADS_FILE}: tensors {unexpected[:5]} do not exist in {type(model).__name__}")
+    if not (path / HEADS_FILE).exists():
+        return
+    state = load_file(str(path / HEADS_FILE))
+    own = model.state_dict()
+    unexpected = [k for k in state if k not in own]
+    if unexpected:
+        raise ValueError(f"{path / HEADS_FILE}: tensors {unexpected[:5]} do not exist in {type(model).__name__}")
+    heads = {k.split(".", 1)[0] for k in state}
+    missing = [k for k in own if k.split(".", 1)[0] in heads and k not in state]
+    if missing:
+        raise ValueError(f"{path / HEADS_FILE} lacks {missing[:5]}: the saved head(s) {sorted(heads)} are incomplete")
+    model.load_state_dict(state, strict=False)  # shape mismatches raise
 
 
 def load_pretrained(model: nn.Module, path: Union[str, Path], adapter_name: Optional[str] = None,
