@@ -16,19 +16,24 @@ that need exact singular vectors (^R keeping every singular value of the base to
 exactly with ``svd="exact"`` and, with ``randomized``, to the accuracy of the top triplets.
 
 Results are **sign-canonical** (:func:`canonicalize_signs`) and cached on disk keyed by a hash of
-the weight's bytes, so decomposing the same base a second time costs a file read.
+the weight's bytes, so decomposing the same base a second time costs a file read. A cache entry holds
+every triplet the computation produced (all ``min(out, in)`` for ``exact``, the whole block(s) for
+``randomized``), so any later ``k`` up to that is served by reading the first ``k`` columns, equal bit
+for bit to a fresh decomposition; a randomized request in a further block is a different computation
+(another probe size) and gets its own entry.
 """
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .fileio import atomic_write, cache_root
 
 __all__ = ["Basis", "decompose", "canonicalize_signs", "weight_hash", "cache_dir", "sigma_fingerprint"]
 
@@ -69,8 +74,7 @@ class Basis:
 
 def cache_dir() -> Path:
     """Folder of the on-disk SVD cache: ``$SPECTRAL_VISION_CACHE/svd`` or ``~/.cache/spectral_vision/svd``."""
-    root = os.environ.get("SPECTRAL_VISION_CACHE") or os.path.join(Path.home(), ".cache", "spectral_vision")
-    return Path(root) / "svd"
+    return cache_root("svd")
 
 
 def weight_hash(weight: torch.Tensor) -> str:
@@ -100,9 +104,10 @@ def canonicalize_signs(U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, 
     return U * signs, V * signs
 
 
-def _exact(W: torch.Tensor, k: int):
+def _exact(W: torch.Tensor):
+    """All ``min(out, in)`` triplets (the thin SVD computes them all anyway; they are all cached)."""
     U, S, Vh = torch.linalg.svd(W, full_matrices=False)
-    return U[:, :k], S[:k], Vh[:k].T
+    return U, S, Vh.T
 
 
 def _randomized(W: torch.Tensor, k: int, oversample: int, power_iters: int):
@@ -118,26 +123,28 @@ def _randomized(W: torch.Tensor, k: int, oversample: int, power_iters: int):
     return (Q @ Ub)[:, :k], S[:k], Vh[:k].T
 
 
-def _load_cached(path: Path, k: int, device) -> Optional[tuple]:
+def _load_cached(path: Path, k: int, shape: tuple, device) -> Optional[tuple]:
+    """The first ``k`` cached triplets (only those columns are read), or None when the entry is missing,
+    smaller than ``k``, of the wrong shape, non-finite or unreadable (then the caller recomputes)."""
+    out, inp = shape
     try:
-        t = load_file(str(path), device="cpu")
+        with safe_open(str(path), "pt", device="cpu") as f:
+            n = f.get_slice("S").get_shape()
+            u, v = f.get_slice("U").get_shape(), f.get_slice("V").get_shape()
+            if len(n) != 1 or n[0] < k or list(u) != [out, n[0]] or list(v) != [inp, n[0]]:
+                return None
+            got = (f.get_slice("U")[:, :k], f.get_slice("S")[:k], f.get_slice("V")[:, :k])
     except Exception:  # missing, truncated or corrupt: recompute
         return None
-    if t["S"].numel() < k:
+    if not all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in got):
         return None
-    return tuple(t[n][..., :k].to(device) if n != "S" else t[n][:k].to(device) for n in ("U", "S", "V"))
+    return tuple(t.to(device) for t in got)
 
 
 def _store_cached(path: Path, U, S, V) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({"U": U.contiguous().cpu(), "S": S.contiguous().cpu(), "V": V.contiguous().cpu()}, tmp)
-        os.replace(tmp, path)  # atomic: a reader never sees half a file
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Write all the computed triplets atomically (a reader never sees half a file)."""
+    tensors = {"U": U.contiguous().cpu(), "S": S.contiguous().cpu(), "V": V.contiguous().cpu()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp))
 
 
 @torch.no_grad()
@@ -176,10 +183,10 @@ def decompose(
     key = weight_hash(weight)
     tag = "exact" if method == "exact" else f"rsvd{block}-o{oversample}-p{power_iters}"
     path = cache_dir() / f"{key}-{tag}.safetensors"
-    got = _load_cached(path, k, weight.device) if cache else None
+    got = _load_cached(path, k, tuple(weight.shape), weight.device) if cache else None
     if got is None:
         W = weight.detach().float()
-        U, S, V = _exact(W, k) if method == "exact" else _randomized(W, block, oversample, power_iters)
+        U, S, V = _exact(W) if method == "exact" else _randomized(W, block, oversample, power_iters)
         U, V = canonicalize_signs(U, V)
         if cache:
             _store_cached(path, U, S, V)
