@@ -21,15 +21,14 @@ Converted weights are cached as safetensors (written atomically) under
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
-import os
-import tempfile
 from pathlib import Path
 from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
+
+from .fileio import atomic_write, cache_root, file_sha256
 
 __all__ = [
     "package_dir", "minilm_path", "load_minilm", "dinov2_onnx_path", "convert_dinov2_onnx", "load_dinov2_small",
@@ -54,8 +53,7 @@ def package_dir(module: str, pip_name: str, no_deps: bool = False) -> Path:
 
 
 def _cache_dir() -> Path:
-    root = os.environ.get("SPECTRAL_VISION_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "spectral_vision")
-    path = Path(root) / "offline"
+    path = cache_root("offline")
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -63,14 +61,8 @@ def _cache_dir() -> Path:
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
     from safetensors.torch import save_file
 
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp))
 
 
 # ---- MiniLM ---------------------------------------------------------------------------------------
@@ -178,11 +170,7 @@ def _require_onnx():
 
 
 def _file_key(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
+    return file_sha256(path)[:16]
 
 
 def _dinov2_state(img_size: int, cache: bool = True) -> dict[str, torch.Tensor]:
