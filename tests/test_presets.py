@@ -164,3 +164,18 @@ def test_heads_excluded_for_peft_baselines_too():
     tuned = [n for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
     assert tuned and not any(n.startswith("classifier") for n in tuned)
     assert all(p.requires_grad for p in model.classifier.parameters())
+
+
+@pytest.mark.parametrize("user_exclude", [["query"], r".*\.query", "bert"])
+def test_head_exclusion_keeps_the_users_exclude(user_exclude):
+    model, expected = build("roberta")
+    kw = dict(method="spectral_a", rank=2, target_modules=r".*(dense|query|key)", exclude_modules=user_exclude)
+    if user_exclude == "bert":  # a preset as exclude: the blocks are excluded, the head too -> nothing left
+        with pytest.raises(ValueError, match="matched no adaptable layer"):
+            svt.prepare_model_for_training(model, **kw)
+        assert not list(sv.spectral_layers(model))
+        return
+    with pytest.warns(UserWarning, match="classifier"):
+        svt.prepare_model_for_training(model, **kw)
+    adapted = {n for n, _ in sv.spectral_layers(model)}
+    assert adapted == {n for n in expected if n.endswith(("dense", "key"))}
