@@ -207,6 +207,43 @@ def test_roberta_head_saved_whole_not_adapted_and_reloads_exactly_under_another_
         svt.load_pretrained(RobertaForSequenceClassification.from_pretrained(tmp_path / "base", num_labels=3), out)
 
 
+def test_newly_initialised_pooler_is_saved_whole_via_missing_keys(tmp_path):
+    """A BERT checkpoint without a pooler: BertForSequenceClassification initialises bert.pooler.dense at
+    random. Passed as missing_keys, it is trained and saved whole, so a reload under another RNG state is
+    exact; left frozen (the control), the reload silently differs."""
+    from transformers import BertConfig, BertForSequenceClassification, BertModel
+
+    cfg = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                     max_position_embeddings=40, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    BertModel(cfg, add_pooling_layer=False).save_pretrained(tmp_path / "base")
+    ids = torch.randint(3, 64, (3, 7), generator=torch.Generator().manual_seed(0))
+
+    def run(use_missing, seed):
+        torch.manual_seed(seed)
+        model, info = BertForSequenceClassification.from_pretrained(tmp_path / "base", num_labels=3,
+                                                                      output_loading_info=True)
+        return model, sorted(info["missing_keys"])
+
+    results = {}
+    for use_missing in (True, False):
+        model, missing = run(use_missing, 1)
+        assert "bert.pooler.dense.weight" in missing
+        svt.prepare_model_for_training(model, method="spectral_a", rank=2,
+                                       missing_keys=missing if use_missing else None)
+        heads = model.spectral_vision_modules_to_save
+        assert heads == (["classifier", "bert.pooler.dense"] if use_missing else ["classifier"])
+        assert model.bert.pooler.dense.weight.requires_grad == use_missing
+        perturb(model)
+        model.eval()
+        out = svt.save_pretrained(model, tmp_path / f"adapter-{use_missing}")
+        fresh, _ = run(use_missing, 7)
+        svt.load_pretrained(fresh, out).eval()
+        with torch.no_grad():
+            results[use_missing] = torch.equal(fresh(input_ids=ids).logits, model(input_ids=ids).logits)
+    assert results == {True: True, False: False}
+
+
 # ---- training/llm_finetune.py -------------------------------------------------------------------------------
 def _word_tokenizer(texts):
     """A real fast tokenizer (word level) built from the data, so the test needs no vocabulary download."""

@@ -142,18 +142,23 @@ def build_model(args, num_labels: int):
     if args.model_name_or_path == "builtin:minilm":
         from spectral_vision.offline import load_minilm
 
-        model, tok = load_minilm(num_labels if args.task == "classification" else None, torch_dtype=dtype)
+        model, tok = load_minilm(num_labels if args.task == "classification" else None, torch_dtype=dtype,
+                                 output_loading_info=True)
     else:
         tok = AutoTokenizer.from_pretrained(args.tokenizer_name or args.model_name_or_path)
         cls = AutoModelForSequenceClassification if args.task == "classification" else AutoModelForCausalLM
         kw = {"num_labels": num_labels, "ignore_mismatched_sizes": args.ignore_mismatched_sizes} \
             if args.task == "classification" else {}
-        model = cls.from_pretrained(args.model_name_or_path, dtype=dtype, **kw)
+        model = cls.from_pretrained(args.model_name_or_path, dtype=dtype, output_loading_info=True, **kw)
+    model, info = model  # missing keys: newly initialised modules (head, a pooler the checkpoint lacks)
+    new = list(info.get("missing_keys", [])) + [k if isinstance(k, str) else k[0]
+                                                for k in info.get("mismatched_keys", [])]
+    heads = head_modules(model, new)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tok.pad_token_id
-    for head in head_modules(model):
+    for head in heads:
         model.get_submodule(head).float()  # trained in full: fp32 like the adapters
     if args.method == FULL:
         model.float().requires_grad_(True)
@@ -168,8 +173,8 @@ def build_model(args, num_labels: int):
         if not is_peft_method(args.method):
             kw["progress"] = not args.quiet
         prepare_model_for_training(model, method=args.method, rank=args.rank, target_modules=args.target_modules,
-                                   gradient_checkpointing=args.gradient_checkpointing, **kw)
-    n_head = sum(p.numel() for h in head_modules(model) for p in model.get_submodule(h).parameters())
+                                   modules_to_save=heads, gradient_checkpointing=args.gradient_checkpointing, **kw)
+    n_head = sum(p.numel() for h in heads for p in model.get_submodule(h).parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     params = {"trainable": trainable, "head": n_head, "adapter": trainable - n_head if args.method != FULL else 0,
               "total": sum(p.numel() for p in model.parameters())}
@@ -261,8 +266,9 @@ def main(args) -> dict:
                           collate_fn=col, generator=g)
     eval_dls = {k: DataLoader(encode(splits[k], tok, args, classes), args.per_device_eval_batch_size, collate_fn=col)
                 for k in ("validation", "test") if splits[k]}
-    head_names = tuple(head_modules(model))
-    heads = [p for n, p in model.named_parameters() if p.requires_grad and n.split(".")[0] in head_names]
+    head_names = list(getattr(model, "spectral_vision_modules_to_save", None) or head_modules(model))
+    heads = [p for n, p in model.named_parameters()
+             if p.requires_grad and any(n.startswith(h + ".") for h in head_names)]
     rest = [p for p in model.parameters() if p.requires_grad and all(p is not h for h in heads)]
     groups = [{"params": rest, "lr": args.learning_rate}] + (
         [{"params": heads, "lr": args.head_learning_rate or args.learning_rate}] if heads else [])

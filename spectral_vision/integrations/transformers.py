@@ -19,6 +19,7 @@ bf16 bases and ``torch.autocast(dtype=torch.bfloat16)`` (``TrainingArguments(bf1
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import warnings
@@ -67,9 +68,28 @@ def _head_exclude(heads: list[str], exclude):
     return "|".join(f"(?:{p})" for p in parts) or None
 
 
-def head_modules(model: nn.Module) -> list[str]:
-    """Top-level names of new task heads (``classifier``, ``score``) present on ``model``."""
-    return [n for n in HEAD_NAMES if isinstance(getattr(_unwrap(model), n, None), nn.Module)]
+def _inside(name: str, modules) -> bool:
+    return any(name == m or name.startswith(m + ".") for m in modules)
+
+
+def head_modules(model: nn.Module, missing_keys: Optional[list[str]] = None) -> list[str]:
+    """Modules to train whole and save with the adapter: the top-level task heads of :data:`HEAD_NAMES`
+    present on ``model``, plus the modules holding ``missing_keys`` (as reported by
+    ``from_pretrained(..., output_loading_info=True)``: newly initialised, e.g. ``bert.pooler.dense`` when
+    the checkpoint has no pooler)."""
+    model = _unwrap(model)
+    heads = [n for n in HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)]
+    names: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(n)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for key in sorted(missing_keys or []):
+        owner = key.rpartition(".")[0]
+        if key not in params or len(names[id(params[key])]) > 1:
+            continue  # a buffer, or a weight tied to a loaded one (lm_head <- embeddings): not new
+        if owner and not _inside(owner, heads):
+            heads.append(owner)
+    return heads
 
 
 def prepare_model_for_training(
@@ -81,6 +101,7 @@ def prepare_model_for_training(
     target_modules=None,
     adapter_name: str = "default",
     modules_to_save: Union[str, list[str], None] = "auto",
+    missing_keys: Optional[list[str]] = None,
     gradient_checkpointing: bool = False,
     gradient_checkpointing_kwargs: Optional[dict] = None,
     **method_kwargs,
@@ -93,8 +114,10 @@ def prepare_model_for_training(
             are ignored. Otherwise ``method`` may be a spectral method or a PEFT baseline
             (``lora``, ``dora``, ``pissa``, ...; see :mod:`spectral_vision.baselines`).
         target_modules: default :func:`default_target_modules`.
-        modules_to_save: top-level modules trained in full and saved with the adapter; ``"auto"`` =
-            :func:`head_modules` (the new classification head), ``None`` = none.
+        modules_to_save: modules trained in full and saved with the adapter; ``"auto"`` =
+            :func:`head_modules` (the new task head + the modules of ``missing_keys``), ``None`` = none.
+        missing_keys: ``from_pretrained(..., output_loading_info=True)[1]["missing_keys"]``: modules the
+            checkpoint did not hold are newly initialised, so they are trained whole, not left random.
         gradient_checkpointing: enable the model's activation checkpointing (``use_cache`` off) and,
             as PEFT does, make the input embeddings' output require grad so that gradients reach
             adapters inside checkpointed blocks also with ``use_reentrant=True``.
@@ -106,7 +129,7 @@ def prepare_model_for_training(
 
     Returns ``model``: base frozen; the adapter and ``modules_to_save`` trainable.
     """
-    heads = head_modules(model) if modules_to_save == "auto" else list(modules_to_save or [])
+    heads = head_modules(model, missing_keys) if modules_to_save == "auto" else list(modules_to_save or [])
     targets = cfg.target_modules if cfg is not None else target_modules
     if targets is None or targets == "auto":
         targets = default_target_modules(model)
@@ -152,11 +175,11 @@ def _meta(model: nn.Module, heads: list[str]) -> dict:
             "model_class": type(model).__name__, "modules_to_save": heads}
 
 
-def _save_tensors(tensors: dict, path: Path) -> None:
+def _save_tensors(tensors: dict, path: Path, metadata: Optional[dict] = None) -> None:
     from safetensors.torch import save_file
 
     atomic_write(path, lambda f: save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, f,
-                                            metadata={"format": "pt"}))
+                                           metadata={"format": "pt", **(metadata or {})}))
 
 
 def save_pretrained(model: nn.Module, save_directory: Union[str, Path], adapter_name: str = "default",
@@ -177,7 +200,7 @@ def save_pretrained(model: nn.Module, save_directory: Union[str, Path], adapter_
         save_adapter(model, path, adapter_name, extra_metadata=meta)
         head_sd = {f"{h}.{k}": v for h in heads for k, v in model.get_submodule(h).state_dict().items()}
         if head_sd:
-            _save_tensors(head_sd, path / HEADS_FILE)
+            _save_tensors(head_sd, path / HEADS_FILE, {"modules_to_save": json.dumps(heads)})
     else:  # PEFT baseline injected in place: save what was trained
         state = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if not state:
@@ -191,17 +214,20 @@ def save_pretrained(model: nn.Module, save_directory: Union[str, Path], adapter_
 
 def _load_heads(model: nn.Module, path: Path) -> None:
     """Restore the heads saved whole; refuse a file that lacks a tensor of a saved head or has unknown ones."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     if not (path / HEADS_FILE).exists():
         return
     state = load_file(str(path / HEADS_FILE))
+    with safe_open(str(path / HEADS_FILE), "pt") as f:
+        listed = (f.metadata() or {}).get("modules_to_save")
+    heads = json.loads(listed) if listed else sorted({k.split(".", 1)[0] for k in state})  # older files: top-level
     own = model.state_dict()
-    unexpected = [k for k in state if k not in own]
+    unexpected = [k for k in state if k not in own or not _inside(k, heads)]
     if unexpected:
         raise ValueError(f"{path / HEADS_FILE}: tensors {unexpected[:5]} do not exist in {type(model).__name__}")
-    heads = {k.split(".", 1)[0] for k in state}
-    missing = [k for k in own if k.split(".", 1)[0] in heads and k not in state]
+    missing = [k for k in own if _inside(k, heads) and k not in state]
     if missing:
         raise ValueError(f"{path / HEADS_FILE} lacks {missing[:5]}: the saved head(s) {sorted(heads)} are incomplete")
     model.load_state_dict(state, strict=False)  # shape mismatches raise
