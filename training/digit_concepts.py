@@ -243,6 +243,10 @@ def write_instance_set(concept: Union[str, Sequence[str]], folder: Union[str, os
     names = [concept] if isinstance(concept, str) else list(concept)
     if not names:
         raise ValueError("write_instance_set needs at least one concept")
+    if any(n not in ALL_CONCEPTS for n in names):
+        raise ValueError(f"unknown concept(s) {[n for n in names if n not in ALL_CONCEPTS]}; "
+                         f"available: {list(ALL_CONCEPTS)}")
+    names = [n for n in ALL_CONCEPTS if n in names]  # canonical order, as in the prompts
     folder = Path(folder)
     class_dir = Path(class_dir) if class_dir is not None else folder.parent / f"{folder.name}-class"
     gray, labels = heldout_digits(num_per_digit, seed)
