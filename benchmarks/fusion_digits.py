@@ -1,36 +1,41 @@
 #!/usr/bin/env python
-"""Measured multi-concept fusion on the trained ``builtin:digits`` base.
+"""Measured concepts and multi-concept fusion on the trained ``builtin:digits`` base.
 
-    python benchmarks/fusion_digits.py            # full: 3 concepts x (^A, ^R, LoRA) x fusion modes
-    python benchmarks/fusion_digits.py --quick    # a smoke run (used by tests/test_digits.py)
+    python benchmarks/fusion_digits.py --workers 8                 # full run (a GPU: minutes; 2 CPU cores: hours)
+    python benchmarks/fusion_digits.py --sweep --workers 8         # also pick the training recipe per method
+    python benchmarks/fusion_digits.py --quick                     # smoke run (tests/test_digits.py)
 
-1. Concepts (``training/digit_concepts.py``): held-out digits transformed (``bold`` dilation, ``slant``
-   shear, ``invert``), each trained with ``training/dreambooth_spectral.py`` on its own band with its own
-   token (instance prompt ``"a handwritten digit sks"``), adapters on the UNet and the CLIP text encoder,
-   prior preservation with the same digits untransformed (class prompt ``"a handwritten digit"``).
-2. Fusion with ``fusion.pipeline.fuse_pipeline`` per mode (``spectral``, ``mean``, ``least_squares`` for
-   the spectral methods; ``lora_sum``, ``mean``, ``least_squares`` for PEFT LoRA).
-3. Generations for prompts with no token, each single token and all tokens (``"a handwritten digit 3
-   sks zwx vvn"``), over digits and seeds, judged by:
-   * digit accuracy: an SVM trained on held-out digits and their concept transforms (identity kept);
-   * concept kept: the concept's signature shift over the base (plain prompts) divided by its
-     single-concept model's shift (1 = as strong as alone), for the single-token and all-token prompts;
-   * cross-talk: the same ratio on prompts WITHOUT the concept's token (0 = no leak);
-   * fusion time (``FusionResult.seconds``).
-Writes ``<output_dir>/fusion_digits.{md,json}`` and one PNG grid per adapter method.
+1. Concept data (``training/digit_concepts.py``): ``bold`` / ``slant`` / ``invert`` transforms of the base's
+   HELD-OUT digits, captioned per image ``"a handwritten digit 7 <token>"``; class images (prior preservation)
+   the same digits untransformed, ``"a handwritten digit 7"``.
+2. One ``training/dreambooth_spectral.py`` run per (method, recipe, concept): concept ``i`` on band ``i``
+   (disjoint singular columns), rank ``--rank``; PEFT LoRA (``--adapter lora``) as the usual baseline.
+3. Solo metrics per concept: digit accuracy (the judge below) on concept prompts and on plain prompts, and
+   the concept's signature shift over the base divided by the REAL concept's shift (transformed vs plain
+   held-out digits). Targets: >= 0.90, >= 0.97, >= 0.80. ``--sweep`` trains every recipe of the grid and keeps,
+   per method, the first recipe meeting all targets on all concepts (else the best worst-case margin).
+4. Fusion of every pair and of all concepts per mode (spectral / mean / weighted / lora_sum / least_squares
+   for the spectral methods; lora_sum, the usual way, and the others for PEFT LoRA): digit accuracy on
+   all-token prompts and, per concept, its shift in the fused model / its solo shift ("kept"; target >= 0.80
+   with accuracy >= 0.85).
+
+Judge: ``eval_digits_base.DigitJudge`` (RBF-SVM) fitted on held-out digits, plain and concept-transformed,
+as ink-up images (polarity-aware), so a bold or inverted digit is still read as its digit.
+Writes ``<output_dir>/fusion_digits.{md,json,png}`` (and ``fusion_digits_sweep.md`` with ``--sweep``).
 """
 from __future__ import annotations
 
 import argparse
-import copy
+import itertools
 import json
+import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "training"))
@@ -38,230 +43,379 @@ sys.path.insert(0, str(REPO))
 import digit_concepts as dc  # noqa: E402
 from eval_digits_base import DigitJudge, generate, load_digit_images, save_grid  # noqa: E402
 
-MODES = {"spectral_a": ("spectral", "mean", "least_squares"), "spectral_r": ("spectral", "mean", "least_squares"),
-         "lora": ("lora_sum", "mean", "least_squares")}
-SINGLE_MODE = {"spectral_a": "spectral", "spectral_r": "spectral", "lora": "lora_sum"}
+MODES = {"spectral_a": ("spectral", "mean", "weighted", "lora_sum", "least_squares"),
+         "spectral_r": ("spectral", "mean", "weighted", "lora_sum", "least_squares"),
+         "lora": ("lora_sum", "mean", "weighted", "least_squares")}
+TARGETS = {"acc_concept": 0.90, "acc_plain": 0.97, "shift_ratio": 0.80, "fused_acc": 0.85, "kept": 0.80}
+# (UNet learning rate, steps, text-encoder learning rate or None: UNet only), and the methods it is tried on
+SWEEP = [((3e-4, 300, 3e-4), MODES), ((3e-4, 600, 3e-4), MODES), ((1e-3, 300, 1e-3), MODES),
+         ((1e-3, 300, None), MODES), ((1e-3, 600, 1e-4), ("spectral_a", "lora")),
+         ((2e-3, 600, None), ("spectral_a", "lora")), ((1e-3, 1000, 1e-4), ("spectral_a", "lora"))]
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    g = p.add_argument_group("base and concepts")
+    g = p.add_argument_group("concepts and training")
     g.add_argument("--pretrained_model_name_or_path", default="builtin:digits")
     g.add_argument("--concepts", nargs="+", default=list(dc.CONCEPTS), choices=list(dc.CONCEPTS))
     g.add_argument("--methods", nargs="+", default=list(MODES), choices=list(MODES))
-    g.add_argument("--modes", nargs="+", default=None, help="restrict the fusion modes (default: all of each method)")
-    g.add_argument("--num_instance_images", type=int, default=50, help="held-out digits per concept (balanced)")
-    g = p.add_argument_group("concept training (dreambooth_spectral.py)")
+    g.add_argument("--tokens", nargs="+", default=[], metavar="CONCEPT=TOKEN",
+                   help="override concept tokens, e.g. bold=ohwx (default: digit_concepts.CONCEPTS)")
     g.add_argument("--rank", type=int, default=4)
-    g.add_argument("--max_train_steps", type=int, default=200)
+    g.add_argument("--num_per_digit", type=int, default=20, help="held-out instance images per digit class")
     g.add_argument("--train_batch_size", type=int, default=8)
-    g.add_argument("--learning_rate", type=float, nargs="+", default=[1e-3],
-                   help="one value, or one per --methods entry")
-    g.add_argument("--no_prior_preservation", action="store_true",
-                   help="train without prior preservation (default: the untransformed instance digits are the class "
-                        "images, prompt 'a handwritten digit', so the concept binds to its token)")
-    g.add_argument("--unet_only", action="store_true",
-                   help="adapt the UNet only (default: UNet and CLIP text encoder, which binds the token better)")
-    g.add_argument("--text_encoder_lr", type=float, default=None, help="default: the method's learning rate")
-    g.add_argument("--retrain", action="store_true", help="retrain concepts even if their folder is complete")
-    g = p.add_argument_group("generation")
-    g.add_argument("--digits", type=int, nargs="+", default=list(range(10)))
+    g.add_argument("--recipe", default="3e-4,300,3e-4", help="'lr,steps,text_encoder_lr|unet' (unet: UNet only)")
+    g.add_argument("--sweep", action="store_true",
+                   help="train every recipe of SWEEP and pick one per method and concept")
+    g = p.add_argument_group("measurement")
+    g.add_argument("--samples_per_seed", type=int, default=100, help="samples per cell and seed (digits 0-9 equally)")
     g.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    g.add_argument("--sweep_seeds", type=int, nargs="+", default=[0], help="seeds of the sweep's solo measurements")
     g.add_argument("--guidance_scale", type=float, default=4.0)
     g.add_argument("--num_inference_steps", type=int, default=20)
+    g.add_argument("--modes", nargs="+", default=None, help="restrict the fusion modes")
     g = p.add_argument_group("run")
-    g.add_argument("--quick", action="store_true",
-                   help="smoke run: ^A only, 2 concepts, 4 training steps, 3 digits, 1 seed, 4 sampling steps")
+    g.add_argument("--quick", action="store_true", help="smoke run: ^A, bold+invert, 2 steps, 10 samples, 4 steps")
+    g.add_argument("--workers", type=int, default=1, help="parallel processes (each its own pipeline)")
+    g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     g.add_argument("--output_dir", default=str(REPO / "benchmarks/results"))
-    g.add_argument("--work_dir", default=None, help="concept data and adapters (default: <output_dir>/tmp/fusion_digits)")
-    g.add_argument("--num_threads", type=int, default=0, help="torch threads (0: default)")
+    g.add_argument("--work_dir", default=None, help="data and adapters (default: <output_dir>/tmp/fusion_digits)")
+    g.add_argument("--export_assets", default=None, help="copy the chosen ^A concepts' adapters to DIR/<concept>")
+    g.add_argument("--export_method", default="spectral_a")
     args = p.parse_args(argv)
     if args.quick:
-        args.methods, args.concepts = ["spectral_a"], ["bold", "invert"]
-        args.modes = args.modes or ["spectral", "mean"]
-        args.max_train_steps, args.num_instance_images, args.train_batch_size = 4, 10, 4
-        args.digits, args.seeds, args.num_inference_steps = [0, 1, 7], [0], 4
-    if len(args.learning_rate) not in (1, len(args.methods)):
-        raise SystemExit(f"--learning_rate: give 1 value or {len(args.methods)} (one per method)")
+        args.methods, args.concepts, args.modes = ["spectral_a"], ["bold", "invert"], args.modes or ["spectral", "mean"]
+        args.recipe, args.num_per_digit, args.train_batch_size = "1e-3,2,1e-3", 2, 2
+        args.samples_per_seed, args.seeds, args.num_inference_steps = 10, [0], 4
+    try:
+        args.tokens = dict(t.split("=", 1) for t in args.tokens)
+    except ValueError:
+        raise SystemExit(f"--tokens: expected CONCEPT=TOKEN entries, got {args.tokens}") from None
     args.work_dir = args.work_dir or str(Path(args.output_dir) / "tmp" / "fusion_digits")
     return args
 
 
-# ---- data, judge, concepts ----------------------------------------------------------------------------------
-def setup_data(args) -> dict:
+def parse_recipe(s: str) -> tuple:
+    try:
+        lr, steps, te = s.split(",")
+        return float(lr), int(steps), None if te == "unet" else float(te)
+    except ValueError:
+        raise SystemExit(f"--recipe {s!r}: expected 'lr,steps,text_encoder_lr' or 'lr,steps,unet'") from None
+
+
+def recipe_id(r: tuple) -> str:
+    te = "unet" if r[2] is None else "te" if r[2] == r[0] else f"te{r[2]:g}"
+    return f"lr{r[0]:g}_s{r[1]}_{te}"
+
+
+# ---- worker side: one pipeline per process ------------------------------------------------------------------
+_W: dict = {}
+
+
+def _init(cfg: dict) -> None:
+    import torch
+
+    torch.set_num_threads(cfg["threads"])
+    dc.set_tokens(cfg["tokens"])
+    _W.update(cfg)
+
+
+def _base():
+    """The base pipeline on the CPU (fusion, including least_squares' recording, runs there; it is cheap)."""
+    if "pipe" not in _W:
+        from spectral_vision.integrations.diffusers import load_pipeline
+
+        pipe = load_pipeline(_W["model"])
+        pipe.set_progress_bar_config(disable=True)
+        _W["pipe"] = pipe
+    return _W["pipe"]
+
+
+def _fused(folders: Sequence[str], names: Sequence[str], mode: str):
+    """A copy of the base with ``folders`` fused in ``mode`` (on the CPU), moved to the device; and the seconds."""
+    import copy
+
+    from fusion.pipeline import fuse_pipeline
+
+    pipe = copy.deepcopy(_base())
+    r = fuse_pipeline(pipe, list(folders), mode=mode, names=list(names), metrics=False,
+                      prompts=[dc.concept_prompt([c]) for c in names], progress=False, seeds=(0, 1),
+                      timesteps=(999, 700, 400, 100))
+    return pipe.to(_W["device"]), r.seconds
+
+
+def _measure(pipe, tokens: Sequence[str], seeds: Sequence[int]) -> dict:
+    """Accuracy and mean signatures on ``"a handwritten digit d <tokens>"``, ``samples_per_seed`` per seed."""
+    n = _W["samples_per_seed"]
+    targets = np.arange(n) % 10
+    prompts = [dc.concept_prompt(tokens, d) for d in targets]
+    imgs = np.concatenate([generate(pipe, prompts, _W["guidance"], seed=1000 * s, steps=_W["steps"], batch_size=500,
+                                    progress=False) for s in seeds])
+    pred = _W["judge"].predict(dc.ink(imgs))
+    sig = dc.signatures(imgs)
+    return {"accuracy": float((pred == np.tile(targets, len(seeds))).mean()), "n": len(imgs),
+            "signature": {c: float(v.mean()) for c, v in sig.items()}, "grid": imgs[:10]}
+
+
+def task_train(method: str, recipe: tuple, concept: str, band: int, out: str, data: dict, seeds) -> dict:
+    """Train one concept (skipped when ``out`` holds a finished run) and measure it solo."""
+    import dreambooth_spectral as db
+
+    t0 = time.time()
+    lr, steps, te_lr = recipe
+    if not (Path(out) / "training_args.json").exists():
+        argv = ["--pretrained_model_name_or_path", _W["model"], "--instance_data_dir", data["instance_dir"],
+                "--caption_column", "text", "--output_dir", out, "--adapter", method, "--rank", str(_W["rank"]),
+                "--band", str(band), "--no_register", "--resolution", "32", "--train_batch_size",
+                str(_W["batch"]), "--max_train_steps", str(steps), "--learning_rate", str(lr), "--lr_warmup_steps",
+                "0", "--snr_gamma", "5", "--seed", "0", "--report_to", "none", "--lora_export",
+                "--checkpointing_steps", "1000000", "--with_prior_preservation", "--class_data_dir",
+                data["class_dir"], "--num_class_images", str(data["num_images"])]
+        if te_lr is not None:
+            argv += ["--train_text_encoder", "--text_encoder_lr", str(te_lr)]
+        db.main(db.parse_args(argv))
+    t_train = time.time() - t0
+    pipe, _ = _fused([out], [concept], "lora_sum" if method == "lora" else "spectral")
+    res = {"method": method, "recipe": recipe_id(recipe), "concept": concept, "train_seconds": round(t_train, 1),
+           "concept_prompt": _measure(pipe, [concept], seeds), "plain_prompt": _measure(pipe, [], seeds)}
+    return res
+
+
+def task_fuse(method: str, mode: str, folders: dict, sets: list, seeds) -> list:
+    """Fuse each concept set in ``mode`` and measure it on all-token prompts (and plain prompts)."""
+    out = []
+    for names in sets:
+        pipe, secs = _fused([folders[c] for c in names], names, mode)
+        out.append({"method": method, "mode": mode, "set": "+".join(names), "fusion_seconds": secs,
+                    "all_tokens": _measure(pipe, names, seeds), "plain_prompt": _measure(pipe, [], seeds)})
+    return out
+
+
+# ---- driver --------------------------------------------------------------------------------------------------
+def setup(args) -> dict:
+    """Concept data sets, the judge, and the real concepts' shifts."""
     from spectral_vision.assets import DIGITS_BASE, read_metadata
 
     recipe = read_metadata(DIGITS_BASE)["recipe"]
     images, labels = load_digit_images(recipe.get("resolution", 32))
-    tr, ho = np.asarray(recipe["split"]["train"]), np.asarray(recipe["split"]["heldout"])
+    ho = np.asarray(recipe["split"]["heldout"])
     combos = [[]] + [[c] for c in dc.CONCEPTS] + [list(dc.CONCEPTS)]
-    # the judge sees held-out digits only, plain and transformed, as ink-up images
     xs = np.concatenate([dc.ink(dc.apply(c, images[ho])) for c in combos])
     judge = DigitJudge().fit(xs, np.tile(labels[ho], len(combos)))
-    acc = {"+".join(c) or "plain": float((judge.predict(dc.ink(dc.apply(c, images[tr]))) == labels[tr]).mean())
-           for c in combos}
-    per_class = max(1, args.num_instance_images // 10)
-    inst = np.concatenate([ho[labels[ho] == d][:per_class] for d in range(10)])
-    return {"judge": judge, "judge_accuracy_on_train_digits": acc, "instance": images[inst]}
+    plain = dc.signatures(images[ho])
+    real = {c: float(dc.signatures(dc.apply([c], images[ho]))[c].mean() - plain[c].mean()) for c in args.concepts}
+    data = {}
+    for c in args.concepts:
+        s = dc.write_instance_set(c, Path(args.work_dir) / "data" / c, num_per_digit=args.num_per_digit)
+        data[c] = {"instance_dir": str(s.instance_dir), "class_dir": str(s.class_dir), "num_images": s.num_images}
+    return {"judge": judge, "real_shift": real, "data": data}
 
 
-def train_concepts(args, method: str, lr: float, data: dict) -> dict[str, Path]:
-    """One DreamBooth run per concept (own band via ``--band auto``, own token). The method's folder is reused
-    when every concept in it was trained with the same settings, else it is rebuilt from scratch."""
-    import shutil
-
-    import dreambooth_spectral as db
-
-    root = Path(args.work_dir) / method
-    folders = {c: root / c for c in args.concepts}
-    want = {c: {"adapter": method, "rank": args.rank, "max_train_steps": args.max_train_steps, "learning_rate": lr,
-                "train_batch_size": args.train_batch_size, "instance_prompt": dc.concept_prompt([c]),
-                "with_prior_preservation": not args.no_prior_preservation,
-                "train_text_encoder": not args.unet_only}
-            for c in args.concepts}
-
-    def complete(c):
-        done = folders[c] / "training_args.json"
-        got = json.loads(done.read_text())["args"] if done.exists() else {}
-        return all(got.get(k) == v for k, v in want[c].items())
-
-    if not args.retrain and all(complete(c) for c in args.concepts):
-        return folders
-    shutil.rmtree(root, ignore_errors=True)  # stale concepts and their bands.json
-    for c, out in folders.items():
-        data_dir = dc.write_instance_set(c, data["instance"], Path(args.work_dir) / "data" / c)
-        argv = ["--pretrained_model_name_or_path", args.pretrained_model_name_or_path, "--instance_data_dir",
-                str(data_dir), "--instance_prompt", want[c]["instance_prompt"], "--output_dir", str(out),
-                "--adapter", method, "--rank", str(args.rank), "--band", "auto", "--resolution", "32",
-                "--train_batch_size", str(args.train_batch_size), "--max_train_steps", str(args.max_train_steps),
-                "--learning_rate", str(lr), "--lr_warmup_steps", "0", "--snr_gamma", "5", "--seed", "0",
-                "--report_to", "none", "--lora_export", "--checkpointing_steps", "1000000"]
-        if not args.unet_only:
-            argv += ["--train_text_encoder", "--text_encoder_lr", str(args.text_encoder_lr or lr)]
-        if not args.no_prior_preservation:
-            class_dir = dc.write_instance_set([], data["instance"], Path(args.work_dir) / "data" / "plain")
-            argv += ["--with_prior_preservation", "--class_data_dir", str(class_dir), "--class_prompt",
-                     dc.concept_prompt([]), "--num_class_images", str(len(data["instance"]))]
-        db.main(db.parse_args(argv))
-    return folders
+def _ratio(a: float, b: float) -> float:
+    return a / b if abs(b) > 1e-9 else float("nan")
 
 
-# ---- generation and metrics ----------------------------------------------------------------------------------
-def sample(args, pipe, tokens: Sequence[str]) -> np.ndarray:
-    """``(seeds * digits, H, W)`` gray images for ``"a handwritten digit d <tokens>"``."""
-    prompts = [dc.concept_prompt(tokens, d) for d in args.digits]
-    return np.concatenate([generate(pipe, prompts, args.guidance_scale, seed=s, steps=args.num_inference_steps,
-                                    progress=False) for s in args.seeds])
+def solo_summary(r: dict, base_sig: dict, real: dict) -> dict:
+    c = r["concept"]
+    shift = r["concept_prompt"]["signature"][c] - base_sig[c]
+    s = {"acc_concept": r["concept_prompt"]["accuracy"], "acc_plain": r["plain_prompt"]["accuracy"],
+         "shift": shift, "shift_ratio": _ratio(shift, real[c]),
+         "leak_plain": _ratio(r["plain_prompt"]["signature"][c] - base_sig[c], real[c])}
+    s["margin"] = min(s[k] / TARGETS[k] for k in ("acc_concept", "acc_plain", "shift_ratio"))
+    return s
 
 
-def measure(args, pipe, judge, prompt_sets: Sequence[tuple]) -> dict:
-    """``{set key: {"accuracy", "signature": {concept: mean}, "images"}}`` for each token set."""
-    targets = np.tile(args.digits, len(args.seeds))
-    out = {}
-    for tokens in prompt_sets:
-        imgs = sample(args, pipe, tokens)
-        sig = dc.signatures(imgs)
-        out["+".join(tokens) or "plain"] = {"accuracy": float((judge.predict(dc.ink(imgs)) == targets).mean()),
-                                            "signature": {c: float(sig[c].mean()) for c in args.concepts},
-                                            "images": imgs}
+def worker_config(args) -> dict:
+    import torch
+
+    return {"model": args.pretrained_model_name_or_path, "device": args.device, "rank": args.rank,
+            "batch": args.train_batch_size, "samples_per_seed": args.samples_per_seed, "tokens": args.tokens,
+            "guidance": args.guidance_scale, "steps": args.num_inference_steps, "judge": args.judge,
+            "threads": max(1, (os.cpu_count() or 2) // args.workers) if args.workers > 1 else torch.get_num_threads()}
+
+
+def run_pool(args, fn, jobs: list) -> list:
+    """Run ``fn(*job)`` over jobs in ``--workers`` processes (in this process with 1 worker)."""
+    cfg = worker_config(args)
+    if args.workers <= 1:
+        _init(cfg)
+        return [fn(*j) for j in jobs]
+    import multiprocessing as mp
+
+    out = []
+    with ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn"), initializer=_init,
+                             initargs=(cfg,)) as ex:
+        futs = [ex.submit(fn, *j) for j in jobs]
+        for f in as_completed(futs):
+            out.append(f.result())
+            print(f"[{time.strftime('%H:%M:%S')}] {len(out)}/{len(jobs)} {fn.__name__} done", flush=True)
     return out
 
 
-def fused_pipe(base, folders: dict[str, Path], mode: str):
-    from fusion.pipeline import fuse_pipeline
-
-    pipe = copy.deepcopy(base)
-    res = fuse_pipeline(pipe, [str(f) for f in folders.values()], mode=mode, names=list(folders), metrics=False,
-                        prompts=[dc.concept_prompt([c]) for c in folders], progress=False, seeds=(0, 1),
-                        timesteps=(999, 700, 400, 100))
-    return pipe, res.seconds
-
-
-def summarise(args, base_m: dict, singles: dict, fused: dict) -> dict:
-    """Ratios of signature shifts (see the module docstring)."""
-    ref = base_m["plain"]["signature"]
-    own = {c: singles[c][c]["signature"][c] - ref[c] for c in args.concepts}  # single model's own shift
-
-    def ratio(m, key, c):
-        return (m[key]["signature"][c] - ref[c]) / own[c] if abs(own[c]) > 1e-6 else float("nan")
-
-    all_key = "+".join(args.concepts)
-    kept_single = {c: ratio(fused, c, c) for c in args.concepts}
-    kept_all = {c: ratio(fused, all_key, c) for c in args.concepts}
-    cross = {c: float(np.mean([ratio(fused, k, c) for k in fused if c not in k.split("+")])) for c in args.concepts}
-    return {"digit_accuracy": float(np.mean([v["accuracy"] for v in fused.values()])),
-            "accuracy_all_tokens": fused[all_key]["accuracy"],
-            "kept_single_token": kept_single, "kept_all_tokens": kept_all, "crosstalk": cross,
-            "kept_single_mean": float(np.mean(list(kept_single.values()))),
-            "kept_all_mean": float(np.mean(list(kept_all.values()))),
-            "crosstalk_mean_abs": float(np.mean(np.abs(list(cross.values())))), "own_shift": own}
-
-
 def main(args: argparse.Namespace) -> dict:
+    import torch
+
+    from spectral_vision.fileio import atomic_write_json, atomic_write_text
     from spectral_vision.integrations.diffusers import load_pipeline
 
-    if args.num_threads:
-        torch.set_num_threads(args.num_threads)
     t_start = time.time()
-    out = Path(args.output_dir)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dc.set_tokens(args.tokens)
+    out, work = Path(args.output_dir), Path(args.work_dir)
     out.mkdir(parents=True, exist_ok=True)
-    data = setup_data(args)
-    judge = data["judge"]
-    base = load_pipeline(args.pretrained_model_name_or_path)
-    base.set_progress_bar_config(disable=True)
-    base_m = measure(args, base, judge, [()])
-    results = {"args": {k: v for k, v in vars(args).items()}, "judge_accuracy_on_train_digits":
-               data["judge_accuracy_on_train_digits"], "base": {"accuracy": base_m["plain"]["accuracy"],
-               "signature": base_m["plain"]["signature"]}, "methods": {}}
+    load_pipeline(args.pretrained_model_name_or_path)  # materialise the cache once, before the workers
+    s = setup(args)
+    args.judge = s["judge"]
+    _init(worker_config(args))  # the base is measured in this process
+    base = {"plain": _measure(_base().to(args.device), [], args.seeds)}
+    _W.pop("pipe", None)
+    base_sig = base["plain"]["signature"]
+    tried = {m: [r for r, ms in SWEEP if m in ms] if args.sweep else [parse_recipe(args.recipe)] for m in args.methods}
+    band = {c: i for i, c in enumerate(args.concepts)}
+
+    def folder(m, r, c):
+        return str(work / m / recipe_id(r) / c)
+
+    # 1. solo concepts (every recipe with --sweep, measured on --sweep_seeds), then the chosen ones on --seeds
+    seeds = args.sweep_seeds if args.sweep else args.seeds
+    jobs = [(m, r, c, band[c], folder(m, r, c), s["data"][c], seeds) for m in args.methods for r in tried[m]
+            for c in args.concepts]
+    jobs.sort(key=lambda j: -j[1][1])  # longest runs first
+    solo = run_pool(args, task_train, jobs)
+    for r in solo:
+        r["summary"] = solo_summary(r, base_sig, s["real_shift"])
+    chosen = {}  # (method, concept) -> recipe: meets all targets first, then the worst-case margin
+    for m in args.methods:
+        for c in args.concepts:
+            rows = {x["recipe"]: x["summary"] for x in solo if x["method"] == m and x["concept"] == c}
+            chosen[m, c] = max(tried[m], key=lambda r: (rows[recipe_id(r)]["margin"] >= 1.0,
+                                                        rows[recipe_id(r)]["margin"]))
+    if args.sweep:
+        atomic_write_json(out / "fusion_digits_sweep.json", {"targets": TARGETS, "real_shift": s["real_shift"],
+                          "base": strip(base), "solo": [strip(x) for x in solo], "device": args.device,
+                          "chosen": {f"{m}/{c}": recipe_id(r) for (m, c), r in chosen.items()}})
+        atomic_write_text(out / "fusion_digits_sweep.md", sweep_markdown(args, solo, chosen))
+        jobs = [(m, chosen[m, c], c, band[c], folder(m, chosen[m, c], c), s["data"][c], args.seeds)
+                for m in args.methods for c in args.concepts]
+        solo = run_pool(args, task_train, jobs)  # trained already: re-measured on --seeds
+        for r in solo:
+            r["summary"] = solo_summary(r, base_sig, s["real_shift"])
+    solo_by = {(x["method"], x["concept"]): x for x in solo
+               if x["recipe"] == recipe_id(chosen[x["method"], x["concept"]])}
+    if args.export_assets and args.export_method in args.methods:
+        export(args, {c: folder(args.export_method, chosen[args.export_method, c], c) for c in args.concepts},
+               solo_by)
+
+    # 2. fusion: every pair and all concepts, per mode
+    sets = [list(p) for p in itertools.combinations(args.concepts, 2)]
+    sets += [list(args.concepts)] if len(args.concepts) > 2 else []
+    jobs = [(m, mode, {c: folder(m, chosen[m, c], c) for c in args.concepts}, sets, args.seeds)
+            for m in args.methods for mode in MODES[m] if not args.modes or mode in args.modes]
+    fused = [row for rows in run_pool(args, task_fuse, jobs) for row in rows]
+    fused.sort(key=lambda f: (args.methods.index(f["method"]), MODES[f["method"]].index(f["mode"])))
+    for f in fused:
+        names = f["set"].split("+")
+        f["kept"] = {c: _ratio(f["all_tokens"]["signature"][c] - base_sig[c], solo_by[(f["method"], c)]["summary"]["shift"])
+                     for c in names}
+        f["meets"] = bool(f["all_tokens"]["accuracy"] >= TARGETS["fused_acc"] and
+                          min(f["kept"].values()) >= TARGETS["kept"])
+    res = {"args": {k: v for k, v in vars(args).items() if k != "judge"}, "targets": TARGETS,
+           "real_shift": s["real_shift"], "base": strip(base),
+           "chosen_recipe": {f"{m}/{c}": recipe_id(r) for (m, c), r in chosen.items()},
+           "solo": [strip(x) for x in solo_by.values()], "fused": [strip(x) for x in fused],
+           "tokens": {c: dc.CONCEPTS[c].token for c in args.concepts},
+           "total_seconds": round(time.time() - t_start, 1), "device": args.device}
+    res["table"] = markdown(args, res)
+    atomic_write_json(out / "fusion_digits.json", res)
+    atomic_write_text(out / "fusion_digits.md", res["table"])
+    grid = [base["plain"]["grid"]] + [solo_by[(m, c)]["concept_prompt"]["grid"] for m in args.methods
+                                      for c in args.concepts]
+    grid += [f["all_tokens"]["grid"] for f in fused if f["set"] == "+".join(sets[-1])]
+    save_grid(np.concatenate(grid), out / "fusion_digits.png", cols=10)
+    print(res["table"])
+    return res
+
+
+def strip(x):
+    """Drop the image grids (kept for the PNG) from a result for JSON."""
+    if isinstance(x, dict):
+        return {k: strip(v) for k, v in x.items() if k != "grid"}
+    return x
+
+
+def export(args, folders: dict, solo_by: dict) -> None:
+    """Copy each concept's adapter folders to ``DIR/<concept>/`` with a ``concept.json`` (token, prompts, recipe,
+    band and the measured solo metrics) that :mod:`spectral_vision.assets.concepts` and the fusion tools read."""
+    import shutil
+
+    from spectral_vision.fileio import atomic_write_json
+
+    for band, (c, f) in enumerate(folders.items()):
+        dst = Path(args.export_assets) / c
+        shutil.rmtree(dst, ignore_errors=True)
+        for comp in ("unet", "text_encoder"):
+            if (Path(f) / comp).is_dir():
+                shutil.copytree(Path(f) / comp, dst / comp)
+        x = solo_by[(args.export_method, c)]
+        atomic_write_json(dst / "concept.json", {
+            "concept": c, "token": dc.CONCEPTS[c].token, "instance_prompt": dc.concept_prompt([c]),
+            "prompt_template": dc.concept_prompt([c], "{digit}"), "class_prompt": dc.concept_prompt([]),
+            "method": args.export_method, "recipe": x["recipe"], "rank": args.rank, "band": band,
+            "base_model": args.pretrained_model_name_or_path, "measured": x["summary"],
+            "measured_on": f"{args.samples_per_seed} samples x seeds {args.seeds}, benchmarks/fusion_digits.py"})
+
+
+def _f(v, pct=True):
+    return f"{100 * v:.1f} %" if pct else f"{v:.2f}"
+
+
+def sweep_markdown(args, solo, chosen) -> str:
+    lines = ["# Recipe sweep (solo concepts)\n", f"Measured on `{args.device}`: {args.samples_per_seed} samples per "
+             f"cell x seeds {args.sweep_seeds}; recipe lr<UNet lr>_s<steps>_<te: text encoder at the same lr | "
+             "te<lr> | unet: UNet only>"
+             f"; targets: concept-prompt accuracy >= 90 %, plain >= 97 %, shift >= 0.80 of the real concept's.\n",
+             "| method | recipe | concept | acc. concept prompts | acc. plain prompts | shift / real | train s |",
+             "|---|---|---|---|---|---|---|"]
+    for x in sorted(solo, key=lambda x: (x["method"], x["recipe"], x["concept"])):
+        sm = x["summary"]
+        pick = x["recipe"] == recipe_id(chosen[x["method"], x["concept"]])
+        lines.append(f"| {x['method']} | {x['recipe']}{' (chosen)' if pick else ''}"
+                     f" | {x['concept']} | {_f(sm['acc_concept'])} | {_f(sm['acc_plain'])} | {_f(sm['shift_ratio'], 0)}"
+                     f" | {x['train_seconds']} |")
+    return "\n".join(lines) + "\n"
+
+
+def markdown(args, res) -> str:
+    n = args.samples_per_seed * len(args.seeds)
+    head = (f"# Concepts and fusion on builtin:digits\n\nMeasured on `{res['device']}`: {n} samples per cell "
+            f"({args.samples_per_seed} per seed, seeds {args.seeds}, digits 0-9 equally), guidance "
+            f"{args.guidance_scale}, {args.num_inference_steps} DPM-Solver steps; rank {args.rank}, concept i on "
+            f"band i; the recipe of each concept is in its row. Base digit accuracy (plain prompts): "
+            f"{_f(res['base']['plain']['accuracy'])}. Real concept shifts (held-out digits, transformed - plain): "
+            + ", ".join(f"{c} {v:+.2f}" for c, v in res["real_shift"].items()) + f". Total {res['total_seconds']} s."
+            "\n\n## Single concepts (targets: >= 90 %, >= 97 %, shift >= 0.80 x real)\n\n"
+            "| method | concept | recipe | acc. concept prompts | acc. plain prompts | shift (real) | shift / real | "
+            "leak on plain prompts | meets |\n|---|---|---|---|---|---|---|---|---|\n")
     rows = []
-    all_sets = [()] + [(c,) for c in args.concepts] + [tuple(args.concepts)]
-    for mi, method in enumerate(args.methods):
-        lr = args.learning_rate[mi if len(args.learning_rate) > 1 else 0]
-        t0 = time.time()
-        folders = train_concepts(args, method, lr, data)
-        t_train = time.time() - t0
-        singles, grid_rows = {}, [base_m["plain"]["images"][:len(args.digits)]]
-        for c, f in folders.items():
-            pipe, _ = fused_pipe(base, {c: f}, SINGLE_MODE[method])
-            singles[c] = measure(args, pipe, judge, [(c,), ()])
-            grid_rows.append(singles[c][c]["images"][:len(args.digits)])
-        ref = {"single models": {c: {"accuracy": singles[c][c]["accuracy"], "signature": singles[c][c]["signature"],
-                                     "plain_prompt_signature": singles[c]["plain"]["signature"]} for c in singles}}
-        rows.append([method, "single concept (reference)",
-                     float(np.mean([singles[c][c]["accuracy"] for c in singles])), 1.0, float("nan"),
-                     float(np.mean([abs((singles[c]["plain"]["signature"][c] - base_m["plain"]["signature"][c])
-                                        / max(abs(singles[c][c]["signature"][c] - base_m["plain"]["signature"][c]),
-                                              1e-6)) for c in singles])), float("nan")])
-        results["methods"][method] = {"train_seconds": round(t_train, 1), "learning_rate": lr, **ref, "modes": {}}
-        for mode in MODES[method]:
-            if args.modes and mode not in args.modes:
-                continue
-            pipe, secs = fused_pipe(base, folders, mode)
-            fused = measure(args, pipe, judge, all_sets)
-            s = summarise(args, base_m, singles, fused)
-            s["fusion_seconds"] = secs
-            results["methods"][method]["modes"][mode] = {
-                **s, "sets": {k: {"accuracy": v["accuracy"], "signature": v["signature"]} for k, v in fused.items()}}
-            rows.append([method, mode, s["digit_accuracy"], s["kept_single_mean"], s["kept_all_mean"],
-                         s["crosstalk_mean_abs"], secs])
-            grid_rows.append(fused["+".join(args.concepts)]["images"][:len(args.digits)])
-        save_grid(np.concatenate(grid_rows), out / f"fusion_digits_{method}.png", cols=len(args.digits))
-    results["total_seconds"] = round(time.time() - t_start, 1)
-    head = ("| method | fusion mode | digit acc. | concept kept (1 token) | concept kept (all tokens) "
-            "| cross-talk | fusion s |\n|---|---|---|---|---|---|---|")
-    fmt = lambda v: "–" if isinstance(v, float) and np.isnan(v) else (f"{v:.2f}" if isinstance(v, float) else str(v))
-    table = head + "\n" + "\n".join("| " + " | ".join(fmt(x) for x in r) + " |" for r in rows)
-    results["table"] = table
-    print(table)
-    print(f"base digit accuracy {results['base']['accuracy']:.3f}; total {results['total_seconds']} s")
-    (out / "fusion_digits.json").write_text(json.dumps(results, indent=1, default=float))
-    (out / "fusion_digits.md").write_text(
-        f"# Fusion on builtin:digits\n\nconcepts {args.concepts}, rank {args.rank}, {args.max_train_steps} steps, "
-        f"digits {args.digits}, seeds {args.seeds}, guidance {args.guidance_scale}, "
-        f"{args.num_inference_steps} sampling steps; base digit accuracy {results['base']['accuracy']:.3f}; "
-        f"total {results['total_seconds']} s.\n\n{table}\n\nGrids: rows = base, single-concept models (own token), "
-        "fused models (all tokens), one row per mode; columns = digits.\n")
-    return results
+    for x in res["solo"]:
+        sm = x["summary"]
+        rows.append(f"| {x['method']} | {x['concept']} | {x['recipe']} | {_f(sm['acc_concept'])} | {_f(sm['acc_plain'])} | "
+                    f"{sm['shift']:+.2f} ({res['real_shift'][x['concept']]:+.2f}) | {_f(sm['shift_ratio'], 0)} | "
+                    f"{_f(sm['leak_plain'], 0)} | {'yes' if sm['margin'] >= 1 else 'no'} |")
+    fz = ["\n\n## Fusion (all-token prompts; targets: accuracy >= 85 %, each concept keeps >= 0.80 of its solo "
+          "shift)\n\n| method | mode | concepts | digit acc. | kept per concept | acc. plain prompts | fusion s | "
+          "meets |\n|---|---|---|---|---|---|---|---|"]
+    for f in sorted(res["fused"], key=lambda f: (f["set"].count("+"), f["set"], f["method"], f["mode"])):
+        fz.append(f"| {f['method']} | {f['mode']} | {f['set']} | {_f(f['all_tokens']['accuracy'])} | "
+                  + ", ".join(f"{c} {v:.2f}" for c, v in f["kept"].items())
+                  + f" | {_f(f['plain_prompt']['accuracy'])} | {f['fusion_seconds']:.2f} | "
+                    f"{'yes' if f['meets'] else 'no'} |")
+    last = max(res["fused"], key=lambda f: f["set"].count("+"))["set"] if res["fused"] else ""
+    order = [f"{f['method']} {f['mode']}" for f in res["fused"] if f["set"] == last]
+    grid = ("\n\nGrid `fusion_digits.png` (columns: digits 0-9; rows top to bottom): the base (plain prompts); "
+            "the solo concepts on their own token: " + ", ".join(f"{m} {c}" for m in args.methods for c in args.concepts)
+            + f"; then {last} fused (all tokens): " + ", ".join(order) + ".\n")
+    return head + "\n".join(rows) + "\n".join(fz) + grid
 
 
 if __name__ == "__main__":

@@ -60,7 +60,8 @@ def test_concept_transforms_move_their_signature(heldout):
     np.testing.assert_array_equal(inv["bold"], base["bold"])
     np.testing.assert_array_equal(inv["slant"], base["slant"])
     np.testing.assert_allclose(dc.apply(["bold", "invert"], x), 1 - dc.apply(["bold"], x), atol=1e-6)
-    assert dc.concept_prompt(["invert", "bold"], 3) == "a handwritten digit 3 sks vvn"
+    tb, ti = dc.CONCEPTS["bold"].token, dc.CONCEPTS["invert"].token
+    assert dc.concept_prompt(["invert", "bold"], 3) == f"a handwritten digit 3 {tb} {ti}"
 
 
 def test_pretrain_tiny_run_resumes_exports_and_evaluates(tmp_path, monkeypatch):
@@ -88,17 +89,23 @@ def test_pretrain_tiny_run_resumes_exports_and_evaluates(tmp_path, monkeypatch):
     assert res["judge_accuracy_on_train_digits"] > 0.95
 
 
+@pytest.mark.slow
 def test_fusion_digits_quick(tmp_path):
+    """The benchmark end to end, shrunk: per-image-caption DreamBooth runs, solo and fused measurements, export."""
     import fusion_digits
 
-    args = fusion_digits.parse_args(["--quick", "--output_dir", str(tmp_path), "--num_threads", "1"])
+    args = fusion_digits.parse_args(["--quick", "--output_dir", str(tmp_path), "--export_assets",
+                                     str(tmp_path / "assets")])
     res = fusion_digits.main(args)
-    m = res["methods"]["spectral_a"]
-    assert set(m["modes"]) == {"spectral", "mean"}
-    for mode in m["modes"].values():
-        assert 0 <= mode["digit_accuracy"] <= 1 and mode["fusion_seconds"] > 0
-        assert set(mode["sets"]) == {"plain", "bold", "invert", "bold+invert"}
-    bands = json.loads((tmp_path / "tmp/fusion_digits/spectral_a/bands.json").read_text())
-    assert len(bands["concepts"]) == 2  # each concept on its own band
-    assert (tmp_path / "fusion_digits.md").read_text().count("| spectral_a |") == 3
-    assert (tmp_path / "fusion_digits_spectral_a.png").exists()
+    assert {(x["method"], x["concept"]) for x in res["solo"]} == {("spectral_a", "bold"), ("spectral_a", "invert")}
+    for x in res["solo"]:
+        assert x["concept_prompt"]["n"] == 10 and 0 <= x["summary"]["acc_concept"] <= 1
+    assert {(f["mode"], f["set"]) for f in res["fused"]} == {("spectral", "bold+invert"), ("mean", "bold+invert")}
+    for f in res["fused"]:
+        assert set(f["kept"]) == {"bold", "invert"} and f["fusion_seconds"] >= 0
+    meta = (tmp_path / "tmp/fusion_digits/data/bold/metadata.jsonl").read_text().splitlines()
+    assert json.loads(meta[7])["text"] == dc.concept_prompt(["bold"], 7)  # per-image captions with the digit
+    assert (tmp_path / "fusion_digits.md").read_text().count("| spectral_a |") == 4
+    assert (tmp_path / "fusion_digits.png").exists()
+    info = json.loads((tmp_path / "assets/bold/concept.json").read_text())
+    assert info["band"] == 0 and (tmp_path / "assets/bold/unet/adapter_config.json").exists()

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -280,9 +281,73 @@ def test_bad_inputs_fail_before_training(run, tmp_path, case):
 
 def test_bad_flag_combinations():
     for argv in (["--with_prior_preservation"], ["--band", "x"], ["--rank", "0"],
-                 ["--instance_data_dir", "/some/dir"], ["--adapter", "nope"], ["--adapter_options", "{bad"]):
+                 ["--instance_data_dir", "/some/dir", "--caption_column", "none"], ["--adapter", "nope"], ["--adapter_options", "{bad"]):
         with pytest.raises(SystemExit):
             db.parse_args(argv)
+
+
+# ---- per-image captions (issue 15) ----------------------------------------------------------------------------------
+def _captioned_folder(folder: Path, rows: list, txt: dict = None, images=("a.png", "b.png", "c.png")) -> Path:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(images):
+        Image.fromarray(np.full((40, 40, 3), 60 * i, np.uint8)).save(folder / name)
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for name, text in (txt or {}).items():
+        (folder / name).write_text(text)
+    return folder
+
+
+def test_per_image_captions_reach_the_batches(tmp_path):
+    """metadata.jsonl column > <image>.txt > --instance_prompt; every item carries its own image's caption;
+    prior preservation generates class images for the per-image class prompts and captions them."""
+    from spectral_vision.integrations.diffusers import resolve_pretrained
+    from transformers import CLIPTokenizer
+
+    inst = _captioned_folder(tmp_path / "inst", [
+        {"file_name": "a.png", "text": "a handwritten digit 1 sks", "class_prompt": "a handwritten digit 1"},
+        {"file_name": "b.png", "class_prompt": "a handwritten digit 2"}], txt={"b.txt": "a handwritten digit 2 sks\n"})
+    argv = [*BASE, "--instance_data_dir", str(inst), "--instance_prompt", "a sks thing", "--output_dir",
+            str(tmp_path / "out"), "--max_train_steps", "2", "--train_batch_size", "3", "--lr_warmup_steps", "0",
+            "--seed", "0", "--report_to", "none", "--no_register", "--with_prior_preservation", "--class_data_dir",
+            str(tmp_path / "class"), "--num_class_images", "4", "--class_inference_steps", "1", "--resolution", "32"]
+    args = db.parse_args(argv)
+    inputs = db.prepare_inputs(args)
+    assert inputs.instance_captions == ["a handwritten digit 1 sks", "a handwritten digit 2 sks", "a sks thing"]
+    assert inputs.class_prompts == ["a handwritten digit 1", "a handwritten digit 2"]
+    summary = run_main(argv[2:])
+    assert summary["global_step"] == 2
+    rows = [json.loads(line) for line in (tmp_path / "class" / "metadata.jsonl").read_text().splitlines()]
+    assert sorted(r["text"] for r in rows) == ["a handwritten digit 1"] * 2 + ["a handwritten digit 2"] * 2
+    assert all((tmp_path / "class" / r["file_name"]).is_file() for r in rows)
+    # the dataset hands every image its own tokenized caption (instance and class)
+    tok = CLIPTokenizer.from_pretrained(resolve_pretrained("builtin:tiny-sd"), subfolder="tokenizer")
+    ds = db.make_dataset(args, tok, inputs)
+    captions = {r["file_name"]: r["text"] for r in rows}
+    for i in range(len(ds)):
+        item = ds[(i, 0)]
+        assert torch.equal(item["instance_prompt_ids"], db.tokenize(tok, inputs.instance_captions[i % 3]))
+        assert torch.equal(item["class_prompt_ids"], db.tokenize(tok, captions[ds.class_images[i % 4].name]))
+    batch = db.collate_fn([ds[(i, 0)] for i in range(3)])
+    assert batch["input_ids"].shape == (6, 77) and not torch.equal(batch["input_ids"][0], batch["input_ids"][1])
+
+
+@pytest.mark.parametrize("case", ["column", "uncaptioned", "escape", "json", "dup"])
+def test_bad_captions_are_refused(tmp_path, case):
+    rows, extra, message = {
+        "column": ([{"file_name": "a.png", "prompt": "x"}], [], r"no column 'text' \(columns: \['prompt'\]\)"),
+        "uncaptioned": ([{"file_name": "a.png", "text": "x"}], [], r"2 instance image\(s\) have no caption \(b.png, c.png"),
+        "escape": ([{"file_name": "../a.png", "text": "x"}], [], "is not a file of"),
+        "json": (["{bad"], [], "line 1 is not JSON"),
+        "dup": ([{"file_name": "a.png", "text": "x"}, {"file_name": "./a.png", "text": "y"}], [], "appears twice"),
+    }[case]
+    folder = tmp_path / "inst"
+    _captioned_folder(folder, [])
+    (folder / "metadata.jsonl").write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    args = db.parse_args([*BASE, "--instance_data_dir", str(folder), "--output_dir", str(tmp_path / "o"), *extra])
+    with pytest.raises(db.InputError, match=message):
+        db.prepare_inputs(args)
 
 
 # ---- the benchmark's worker (same step, both adapters) ---------------------------------------------------------

@@ -8,24 +8,34 @@ background) and a *signature*: a per-image number that the transformation moves 
 concept     transformation                         signature
 ==========  =====================================  ===================================================
 ``bold``    grey dilation with a disk (radius 2)   stroke width in px: ink area / skeleton length
+``thin``    grey erosion with a 3x3 square          stroke width in px (moves it down)
 ``slant``   horizontal shear ``x += k (cy - y)``   slant in degrees: ``atan(-cov(x, y) / var(y))`` of the
             (top leans right, ``k = 0.45``)        ink distribution (a shear by k adds exactly k)
 ``invert``  ``1 - x`` (dark ink on a light page)   background level: mean of the 3-px border ring
 ==========  =====================================  ===================================================
 
-    write_instance_set("bold", gray_images, "concepts/data/bold")   # PNGs for dreambooth_spectral.py
-    signatures(gray_images)                                         # {"bold": (N,), "slant": (N,), ...}
+    s = write_instance_set("bold", "data/bold")  # imagefolder + metadata.jsonl for dreambooth_spectral.py
+    s.instance_dir, s.class_dir, s.caption_column         # "a handwritten digit 7 <token>" / "... digit 7"
+    signatures(gray_images)                               # {"bold": (N,), "slant": (N,), ...}
+
+The instance sets are made from the base's HELD-OUT digits (the split recorded in ``builtin:digits``),
+so the concept adapters never train on a digit the base was trained on; the class images (prior
+preservation) are the same digits untransformed. Every caption carries its digit.
 """
 from __future__ import annotations
 
+import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence, Union
 
 import numpy as np
 
-__all__ = ["Concept", "CONCEPTS", "bold", "slant", "invert", "ink", "stroke_width", "slant_degrees", "background",
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # eval_digits_base beside it
+
+__all__ = ["Concept", "CONCEPTS", "EXTRA_CONCEPTS", "ALL_CONCEPTS", "set_tokens", "heldout_digits", "InstanceSet", "bold", "thin", "slant", "invert", "ink", "stroke_width", "slant_degrees", "background",
            "apply", "signatures", "write_instance_set", "concept_prompt"]
 
 
@@ -38,6 +48,14 @@ def bold(gray: np.ndarray, radius: int = 2) -> np.ndarray:
     fp = disk(radius).astype(bool)
     thick = np.stack([grey_dilation(im, footprint=fp) for im in ink(gray)])  # (N, H, W), ink up
     return np.where(_inverted(gray)[:, None, None], 1 - thick, thick).clip(0, 1).astype(np.float32)
+
+
+def thin(gray: np.ndarray, size: int = 3) -> np.ndarray:
+    """Morphological (grey) erosion of the ink with a ``size`` x ``size`` square: thinner strokes."""
+    from scipy.ndimage import grey_erosion
+
+    slim = np.stack([grey_erosion(im, size=(size, size)) for im in ink(gray)])  # (N, H, W), ink up
+    return np.where(_inverted(gray)[:, None, None], 1 - slim, slim).clip(0, 1).astype(np.float32)
 
 
 def slant(gray: np.ndarray, shear: float = 0.45) -> np.ndarray:
@@ -116,21 +134,40 @@ class Concept:
     unit: str
 
 
-# order of application when several are combined (invert last, so bold/slant act on the ink)
+# The fusable concepts, in order of application when several are combined (invert last, so bold/slant act on
+# the ink). Tokens: chosen by measurement (benchmarks/results/concept_token.md: the candidates that lower the
+# base's digit accuracy least when appended to "a handwritten digit N", with no adapter).
 CONCEPTS = {
-    "bold": Concept("bold", "sks", bold, stroke_width, "px stroke width"),
-    "slant": Concept("slant", "zwx", slant, slant_degrees, "degrees slant"),
-    "invert": Concept("invert", "vvn", invert, background, "background level"),
+    "bold": Concept("bold", "phol", bold, stroke_width, "px stroke width"),
+    "slant": Concept("slant", "olis", slant, slant_degrees, "degrees slant"),
+    "invert": Concept("invert", "ohwx", invert, background, "background level"),
 }
+# single concepts that do not combine with the above (thin undoes bold): instance sets only
+EXTRA_CONCEPTS = {"thin": Concept("thin", "phol", thin, stroke_width, "px stroke width")}
+ALL_CONCEPTS = {**CONCEPTS, **EXTRA_CONCEPTS}
+
+
+def set_tokens(tokens: dict[str, str]) -> None:
+    """Bind concepts to other tokens (``{"bold": "ohwx"}``), e.g. to measure a candidate token."""
+    import dataclasses
+
+    for name, tok in tokens.items():
+        if name not in ALL_CONCEPTS or not tok or tok.strip() != tok:
+            raise ValueError(f"bad token {tok!r} for concept {name!r} (concepts: {list(ALL_CONCEPTS)})")
+        ALL_CONCEPTS[name] = dataclasses.replace(ALL_CONCEPTS[name], token=tok)
+        if name in CONCEPTS:
+            CONCEPTS[name] = ALL_CONCEPTS[name]
 
 
 def apply(names: Sequence[str], gray: np.ndarray) -> np.ndarray:
     """Apply the named concepts' transformations (in :data:`CONCEPTS` order)."""
-    bad = [n for n in names if n not in CONCEPTS]
+    bad = [n for n in names if n not in ALL_CONCEPTS]
     if bad:
-        raise ValueError(f"unknown concept(s) {bad}; available: {list(CONCEPTS)}")
+        raise ValueError(f"unknown concept(s) {bad}; available: {list(ALL_CONCEPTS)}")
+    if "thin" in names and len(names) > 1:
+        raise ValueError("'thin' does not combine with other concepts")
     out = np.asarray(gray, dtype=np.float32)
-    for name, c in CONCEPTS.items():
+    for name, c in ALL_CONCEPTS.items():
         if name in names:
             out = c.transform(out)
     return out
@@ -144,19 +181,75 @@ def signatures(gray: np.ndarray) -> dict[str, np.ndarray]:
 def concept_prompt(names: Sequence[str], digit: Union[int, str, None] = None) -> str:
     """``"a handwritten digit 3 sks zwx"``: the base caption, then the concepts' tokens (``digit=None``: none)."""
     base = "a handwritten digit" if digit is None else f"a handwritten digit {digit}"
-    return " ".join([base] + [CONCEPTS[n].token for n in CONCEPTS if n in names])
+    return " ".join([base] + [c.token for n, c in ALL_CONCEPTS.items() if n in names])
 
 
-def write_instance_set(names: Union[str, Sequence[str]], gray: np.ndarray, folder: Union[str, os.PathLike]) -> Path:
-    """Transform ``gray`` with the concept(s) and write RGB PNGs ``000.png ...`` to ``folder`` (atomic per file)."""
+@dataclass(frozen=True)
+class InstanceSet:
+    """What :func:`write_instance_set` wrote: two imagefolders with ``metadata.jsonl`` (``file_name``, ``text``)."""
+    concept: str  # "bold", or "bold+slant" for a combination
+    instance_dir: Path  # transformed held-out digits, captions "a handwritten digit 7 <token(s)>"
+    class_dir: Path  # the same digits untransformed, captions "a handwritten digit 7" (prior preservation)
+    instance_prompt: str  # caption without a digit, a fallback for tools that take one prompt
+    class_prompt: str
+    num_images: int
+    caption_column: str = "text"
+
+
+def heldout_digits(num_per_digit: int = 20, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``num_per_digit`` held-out digits of each class from ``builtin:digits``' recorded split (never seen by the
+    base): ``(10 * num_per_digit, 32, 32)`` gray in [0, 1] and labels, ordered 0, 1, ..., 9, 0, 1, ...."""
+    from eval_digits_base import load_digit_images
+
+    from spectral_vision.assets import read_metadata
+
+    recipe = read_metadata()["recipe"]
+    images, labels = load_digit_images(recipe.get("resolution", 32))
+    ho = np.asarray(recipe["split"]["heldout"])
+    rng = np.random.default_rng(seed)
+    per = [rng.permutation(ho[labels[ho] == d]) for d in range(10)]
+    if min(len(p) for p in per) < num_per_digit:
+        raise ValueError(f"num_per_digit={num_per_digit}: only {min(len(p) for p in per)} held-out digits per class")
+    idx = np.stack([p[:num_per_digit] for p in per], 1).ravel()  # (num_per_digit * 10,) digit-interleaved
+    return images[idx], labels[idx]
+
+
+def _write_folder(folder: Path, gray: np.ndarray, captions: Sequence[str]) -> None:
     from PIL import Image
 
-    names = [names] if isinstance(names, str) else list(names)
-    folder = Path(folder)
+    from spectral_vision.fileio import atomic_write_text
+
     folder.mkdir(parents=True, exist_ok=True)
-    for i, im in enumerate(apply(names, gray)):
-        tmp, final = folder / f".{i:03d}.png.tmp", folder / f"{i:03d}.png"
+    (folder / "metadata.jsonl").unlink(missing_ok=True)  # written last: a folder without it is incomplete
+    rows = []
+    for i, (im, cap) in enumerate(zip(gray, captions)):
         rgb = np.repeat((im * 255).round().astype(np.uint8)[..., None], 3, axis=-1)  # (H, W, 3)
-        Image.fromarray(rgb).save(tmp, format="PNG")
-        os.replace(tmp, final)
-    return folder
+        Image.fromarray(rgb).save(folder / f"{i:04d}.png", format="PNG")
+        rows.append(json.dumps({"file_name": f"{i:04d}.png", "text": cap}))
+    atomic_write_text(folder / "metadata.jsonl", "\n".join(rows) + "\n")
+
+
+def write_instance_set(concept: Union[str, Sequence[str]], folder: Union[str, os.PathLike], num_per_digit: int = 20,
+                       class_dir: Union[str, os.PathLike, None] = None, seed: int = 0) -> InstanceSet:
+    """Write a concept's DreamBooth data as two ``datasets`` imagefolders with per-image captions.
+
+    ``folder/`` gets ``0000.png ...`` (the concept's transform of ``num_per_digit`` held-out digits per class, RGB)
+    and ``metadata.jsonl`` (``{"file_name": "0000.png", "text": "a handwritten digit 0 sks"}``); ``class_dir``
+    (default ``folder/../<folder name>-class``) the same digits untransformed, captioned ``"a handwritten digit 0"``.
+    ``concept``: a name of :data:`CONCEPTS` / :data:`EXTRA_CONCEPTS`, or a list (combined, all tokens).
+    Train with ``dreambooth_spectral.py --instance_data_dir folder --caption_column text
+    --with_prior_preservation --class_data_dir <class_dir>``.
+    """
+    names = [concept] if isinstance(concept, str) else list(concept)
+    if not names:
+        raise ValueError("write_instance_set needs at least one concept")
+    if any(n not in ALL_CONCEPTS for n in names):
+        raise ValueError(f"unknown concept(s) {[n for n in names if n not in ALL_CONCEPTS]}; "
+                         f"available: {list(ALL_CONCEPTS)}")
+    names = [n for n in ALL_CONCEPTS if n in names]  # canonical order, as in the prompts
+    folder = Path(folder)
+    class_dir = Path(class_dir) if class_dir is not None else folder.parent / f"{folder.name}-class"
+    gray, labels = heldout_digits(num_per_digit, seed)
+    _write_folder(folder, apply(names, gray), [concept_prompt(names, d) for d in labels])
+    _write_folder(class_dir, gray, [concept_prompt([], d) for d in labels])
+    return InstanceSet("+".join(names), folder, class_dir, concept_prompt(names), concept_prompt([]), len(gray))

@@ -46,11 +46,12 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
-    atomic_write_json, cast_frozen_, checkpoint_info, param_groups, resolve_resume, save_accelerate_checkpoint,
+ cast_frozen_, checkpoint_info, param_groups, resolve_resume, save_accelerate_checkpoint,
     step_seed,
 )
 
 import spectral_vision as sv  # noqa: E402
+from spectral_vision.fileio import atomic_write, atomic_write_json, atomic_write_text  # noqa: E402
 from spectral_vision.baselines import BASELINES, attach_adapter, is_peft_method  # noqa: E402
 from spectral_vision.integrations.diffusers import (  # noqa: E402
     SKIMAGE_PHOTOS, bundled_instance_images, load_pipeline, resolve_pretrained,
@@ -103,9 +104,18 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help=f"folder of instance images, or builtin:<photo> ({', '.join(SKIMAGE_PHOTOS)}: "
                         "real photos shipped by scikit-image)")
     g.add_argument("--instance_prompt", default=None,
-                   help="prompt with the identifier of the instance (required unless the data is builtin)")
+                   help="prompt with the identifier of the instance, for images without a caption of their own "
+                        "(required unless every image has one or the data is builtin)")
+    g.add_argument("--caption_column", default="text",
+                   help="per-image captions: this column of the folder's metadata.jsonl (the `datasets` imagefolder "
+                        "layout, rows {\"file_name\": ..., \"<column>\": ...}), else <image>.txt beside the image, "
+                        "else --instance_prompt / --class_prompt; 'none': one prompt for all images")
+    g.add_argument("--class_prompt_column", default="class_prompt",
+                   help="column of the instance metadata.jsonl with each image's class prompt (prior preservation: "
+                        "class images are generated for these prompts)")
     g.add_argument("--class_data_dir", default=None, help="folder of class images (generated when missing)")
-    g.add_argument("--class_prompt", default=None, help="prompt of the class, for prior preservation")
+    g.add_argument("--class_prompt", default=None,
+                   help="prompt of the class, for prior preservation (class images without a caption)")
     g.add_argument("--resolution", type=int, default=None,
                    help="training image size (default: the model's native size: 512 for SD 1.5, 32 for tiny-sd)")
     g.add_argument("--center_crop", action="store_true", help="center crop instead of random crop")
@@ -188,15 +198,17 @@ def check_args(args: argparse.Namespace) -> None:
     if args.band != "auto" and not (args.band.isdigit()):
         raise InputError(f"--band must be a non-negative integer or 'auto', got {args.band!r}")
     if args.with_prior_preservation:
-        if args.class_data_dir is None or args.class_prompt is None:
-            raise InputError("--with_prior_preservation needs --class_data_dir and --class_prompt")
+        if args.class_data_dir is None:  # --class_prompt may come from captions (checked in prepare_inputs)
+            raise InputError("--with_prior_preservation needs --class_data_dir (and --class_prompt or captions)")
     elif args.class_data_dir is not None or args.class_prompt is not None:
         warnings.warn("--class_data_dir/--class_prompt are only used with --with_prior_preservation")
-    if args.instance_prompt is None:
+    if args.caption_column.lower() == "none":
+        args.caption_column = None
+    if args.instance_prompt is None:  # builtin photos have one; folders may caption every image
         photo = args.instance_data_dir.split(":", 1)[1] if args.instance_data_dir.startswith("builtin:") else None
-        if photo not in BUILTIN_PROMPTS:
-            raise InputError("--instance_prompt is required (e.g. 'a photo of sks dog')")
-        args.instance_prompt = BUILTIN_PROMPTS[photo]
+        args.instance_prompt = BUILTIN_PROMPTS.get(photo)
+        if args.instance_prompt is None and args.caption_column is None:
+            raise InputError("--instance_prompt is required (e.g. 'a photo of sks dog') with --caption_column none")
     if args.snr_gamma is not None and args.snr_gamma <= 0:
         raise InputError(f"--snr_gamma must be > 0, got {args.snr_gamma}")
     if args.use_8bit_adam:
@@ -251,11 +263,91 @@ def prepare_inputs(args) -> SimpleNamespace:
     instance = list_images(folder, "instance")
     if not instance:
         raise InputError(f"instance folder {folder} contains no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    rows = read_metadata(folder)
+    captions = captions_for(instance, rows, folder, args.caption_column, args.instance_prompt, "instance",
+                            "--instance_prompt")
+    class_prompts = None
+    if args.with_prior_preservation:  # per-image class prompts from the instance metadata, else --class_prompt
+        found = [rows.get(f.name, {}).get(args.class_prompt_column) for f in instance]
+        class_prompts = sorted({str(c) for c in found if c}) or None
+        if class_prompts is None and args.class_prompt is None and not _has_captions(Path(args.class_data_dir),
+                                                                                      args.caption_column):
+            raise InputError("--with_prior_preservation needs --class_prompt, captions in --class_data_dir or a "
+                             f"{args.class_prompt_column!r} column in the instance metadata.jsonl")
     out = Path(args.output_dir).resolve()
     concept = args.concept_name or out.name
     band, registry = resolve_band(args, concept, out)
-    return SimpleNamespace(instance_dir=folder, instance_images=instance, concept=concept, band=band,
-                           registry=registry)
+    return SimpleNamespace(instance_dir=folder, instance_images=instance, instance_captions=captions,
+                           class_prompts=class_prompts, concept=concept, band=band, registry=registry)
+
+
+METADATA = "metadata.jsonl"
+
+
+def read_metadata(folder: Path) -> dict[str, dict]:
+    """Rows of ``folder/metadata.jsonl`` (the ``datasets`` imagefolder layout) keyed by ``file_name``; ``{}``
+    when there is none. Raises :class:`InputError` on a malformed line, a missing/duplicate ``file_name`` or
+    one that leaves the folder."""
+    path = folder / METADATA
+    if not path.is_file():
+        return {}
+    rows = {}
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path} is not UTF-8 text ({e})") from None
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path} line {i} is not JSON: {e}") from None
+        name = row.get("file_name") if isinstance(row, dict) else None
+        if not isinstance(name, str) or not name:
+            raise InputError(f"{path} line {i} has no \"file_name\" string")
+        target = (folder / name).resolve()
+        if target.parent != folder.resolve():
+            raise InputError(f"{path} line {i}: file_name {name!r} is not a file of {folder}")
+        if target.name in rows:
+            raise InputError(f"{path} line {i}: {name!r} appears twice")
+        rows[target.name] = row
+    return rows
+
+
+def captions_for(images: list[Path], rows: dict[str, dict], folder: Path, column: Optional[str],
+                 fallback: Optional[str], what: str, flag: str) -> list[str]:
+    """One caption per image: ``rows[name][column]``, else ``<stem>.txt`` beside it, else ``fallback``.
+    Raises :class:`InputError` naming the images left without a caption (or a column no row has)."""
+    if column is None:
+        return [fallback] * len(images)
+    if rows and not any(column in r for r in rows.values()):
+        cols = sorted({k for r in rows.values() for k in r} - {"file_name"})
+        raise InputError(f"{folder / METADATA} has no column {column!r} (columns: {cols}); pass --caption_column "
+                         f"with one of them, or --caption_column none to use {flag} for every image")
+    out, missing = [], []
+    for f in images:
+        cap = rows.get(f.name, {}).get(column)
+        txt = f.with_suffix(".txt")
+        if cap is None and txt.is_file():
+            cap = txt.read_text(encoding="utf-8", errors="replace").strip()
+        if cap is not None and not isinstance(cap, str):
+            raise InputError(f"{what} caption of {f.name} in {folder / METADATA} is not a string: {cap!r}")
+        cap = cap or fallback
+        if not cap:
+            missing.append(f.name)
+        out.append(cap)
+    if missing:
+        raise InputError(f"{len(missing)} {what} image(s) have no caption ({', '.join(missing[:5])}"
+                         f"{', ...' if len(missing) > 5 else ''}): add them to {METADATA} / a .txt file, or pass {flag}")
+    return out
+
+
+def _has_captions(folder: Path, column: Optional[str]) -> bool:
+    """Whether ``folder`` holds at least one caption (metadata row with ``column`` or a ``.txt``)."""
+    if column is None or not folder.is_dir():
+        return False
+    return any(column in r for r in read_metadata(folder).values()) or any(folder.glob("*.txt"))
 
 
 def resolve_band(args, concept: str, out: Path):
@@ -290,11 +382,12 @@ def _next_free_band(registry, rank: int, exclude: str) -> int:
 
 # ---- data ----------------------------------------------------------------------------------------------------
 class DreamBoothDataset(Dataset):
-    """Instance images (and class images for prior preservation) with tokenized prompts.
+    """Instance images (and class images for prior preservation) with their tokenized captions.
 
     Items are fetched with a key ``(index, aug_seed)``: the crop and flip are drawn from
     ``torch.Generator().manual_seed(aug_seed)``, so an item is a pure function of its key. Returns
     ``{"instance_images": (3, size, size) in [-1, 1], "instance_prompt_ids": (L,), ...class_*}``.
+    ``instance_prompt_ids`` / ``class_prompt_ids``: one ``(L,)`` tensor for all images or a list, one per image.
     """
 
     def __init__(self, instance_images, instance_prompt_ids, size, center_crop=False, random_flip=False,
@@ -323,12 +416,18 @@ class DreamBoothDataset(Dataset):
     def __getitem__(self, key) -> dict:
         index, aug_seed = key
         g = torch.Generator().manual_seed(int(aug_seed))
-        ex = {"instance_images": self._load(self.instance_images[index % len(self.instance_images)], g),
-              "instance_prompt_ids": self.instance_prompt_ids}
+        i = index % len(self.instance_images)
+        ex = {"instance_images": self._load(self.instance_images[i], g),
+              "instance_prompt_ids": _pick(self.instance_prompt_ids, i)}
         if self.class_images:
-            ex["class_images"] = self._load(self.class_images[index % len(self.class_images)], g)
-            ex["class_prompt_ids"] = self.class_prompt_ids
+            j = index % len(self.class_images)
+            ex["class_images"] = self._load(self.class_images[j], g)
+            ex["class_prompt_ids"] = _pick(self.class_prompt_ids, j)
         return ex
+
+
+def _pick(ids, i: int) -> torch.Tensor:
+    return ids[i] if isinstance(ids, (list, tuple)) else ids
 
 
 def collate_fn(examples: list[dict]) -> dict:
@@ -372,31 +471,48 @@ def tokenize(tokenizer, prompt: str, max_length: Optional[int] = None) -> torch.
 
 
 @torch.no_grad()
-def generate_class_images(args, accelerator) -> None:
-    """Sample ``--num_class_images`` minus the present ones with ``--class_prompt`` (seeded per image)."""
+def generate_class_images(args, accelerator, prompts: Optional[list[str]] = None) -> None:
+    """Sample ``--num_class_images`` minus the present ones (seeded per image). ``prompts``: per-image class
+    prompts (cycled; their captions go to the folder's ``metadata.jsonl``), else ``--class_prompt``."""
     class_dir = Path(args.class_data_dir)
     class_dir.mkdir(parents=True, exist_ok=True)
     have = len(list_images(class_dir, "class"))
     if have >= args.num_class_images:
         return
+    captioned, prompts = prompts is not None, prompts or [args.class_prompt]
     dtype = {"fp32": torch.float32, "no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(
         args.prior_generation_precision, torch.float16 if accelerator.device.type == "cuda" else torch.float32)
     pipe = load_pipeline(args.pretrained_model_name_or_path, args.revision, args.variant, torch_dtype=dtype)
     pipe.to(accelerator.device)
     pipe.set_progress_bar_config(disable=True)
     todo = list(range(have, args.num_class_images))
+    rows = []
     with accelerator.split_between_processes(todo) as mine:
         chunks = [mine[i:i + args.sample_batch_size] for i in range(0, len(mine), args.sample_batch_size)]
         for chunk in tqdm(chunks, desc="Generating class images", disable=not accelerator.is_local_main_process):
             gens = [torch.Generator(accelerator.device).manual_seed(step_seed(args.seed, 7, i)) for i in chunk]
-            images = pipe([args.class_prompt] * len(chunk), num_inference_steps=args.class_inference_steps,
+            texts = [prompts[i % len(prompts)] for i in chunk]
+            images = pipe(texts, num_inference_steps=args.class_inference_steps,
                           height=args.resolution, width=args.resolution, generator=gens).images
-            for i, image in zip(chunk, images):
+            for i, text, image in zip(chunk, texts, images):
                 name = f"{i}-{hashlib.sha1(image.tobytes()).hexdigest()}.jpg"
-                image.save(class_dir / f".{name}.tmp", format="JPEG")
-                os.replace(class_dir / f".{name}.tmp", class_dir / name)
+                atomic_write(class_dir / name, lambda tmp, im=image: im.save(tmp, format="JPEG"))
+                rows.append({"file_name": name, args.caption_column or "text": text})
+    rows = gather_objects(accelerator, rows)
+    if accelerator.is_main_process and captioned and args.caption_column:
+        old = list(read_metadata(class_dir).values())
+        atomic_write_text(class_dir / METADATA, "".join(json.dumps(r) + "\n" for r in old + rows))
     accelerator.wait_for_everyone()
     del pipe
+
+
+def gather_objects(accelerator, objs: list) -> list:
+    """Concatenate a list from every process (in rank order) on all processes."""
+    if accelerator.num_processes == 1:
+        return objs
+    from accelerate.utils import gather_object
+
+    return gather_object(objs)
 
 
 # ---- models and adapters -------------------------------------------------------------------------------------
@@ -614,6 +730,14 @@ def export_loras(args, adapted: dict[str, nn.Module]) -> dict:
     return reports
 
 
+def caption_summary(args, inputs) -> str:
+    """``instance prompt `...` (4 images)`` or ``per-image captions (20 images, 10 distinct, e.g. `...`)``."""
+    n, distinct = len(inputs.instance_captions), sorted(set(inputs.instance_captions))
+    if len(distinct) == 1:
+        return f"instance prompt `{distinct[0]}` ({n} images)"
+    return f"per-image captions ({n} images, {len(distinct)} distinct, e.g. `{distinct[0]}`)"
+
+
 def write_model_card(args, ctx, exports: dict, params: sv.ParamCount) -> None:
     builtin = args.pretrained_model_name_or_path == "builtin:tiny-sd"  # the random-weight one
     band = ctx.inputs.band
@@ -630,13 +754,13 @@ def write_model_card(args, ctx, exports: dict, params: sv.ParamCount) -> None:
             if builtin else "")
     card = f"""---
 base_model: {args.pretrained_model_name_or_path}
-instance_prompt: {args.instance_prompt}
+instance_prompt: {args.instance_prompt or ctx.inputs.instance_captions[0]}
 library_name: spectral_vision
 tags: [stable-diffusion, text-to-image, diffusers, dreambooth, spectral-adapter, lora]
 ---
 # {ctx.inputs.concept}: DreamBooth concept ({args.adapter}, rank {args.rank})
 {note}
-- concept: `{ctx.inputs.concept}`, instance prompt `{args.instance_prompt}` ({len(ctx.inputs.instance_images)} images)
+- concept: `{ctx.inputs.concept}`, {caption_summary(args, ctx.inputs)}
 - method: `{args.adapter}`, rank {args.rank}, band {cols}
 - adapted: UNet `{args.target_modules}`{f", text encoder `{args.text_encoder_target_modules}`" if args.train_text_encoder else ""}
 - trainable parameters: {params.trainable:,} ({params.percent:.4f}% of the base)
@@ -659,7 +783,8 @@ def save_outputs(args, accelerator, ctx) -> dict:
     """Adapters, LoRA exports, args JSON, band registration and model card (main process)."""
     out = Path(args.output_dir)
     adapted = {k: accelerator.unwrap_model(m) for k, m in ctx.adapted.items()}
-    extra = {"concept": ctx.inputs.concept, "instance_prompt": args.instance_prompt, "band": ctx.inputs.band,
+    extra = {"concept": ctx.inputs.concept, "instance_prompt": args.instance_prompt or ctx.inputs.instance_captions[0],
+             "band": ctx.inputs.band,
              "base_model": args.pretrained_model_name_or_path}
     for comp, model in adapted.items():
         save_component(model, out / comp, extra)
@@ -719,7 +844,7 @@ def setup(args) -> tuple:
         raise InputError(f"--resolution {args.resolution} must be a multiple of {models.vae_scale_factor} (the VAE's)")
     adapted = add_adapters(args, models, inputs.band)  # fails here on a rank/band too large for a layer
     if args.with_prior_preservation:
-        generate_class_images(args, accelerator)
+        generate_class_images(args, accelerator, inputs.class_prompts)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     for model in (models.unet, models.vae, models.text_encoder):  # frozen weights in weight_dtype, adapters fp32
         cast_frozen_(model, weight_dtype).to(accelerator.device)
@@ -762,11 +887,18 @@ def setup(args) -> tuple:
 
 
 def make_dataset(args, tokenizer, inputs) -> DreamBoothDataset:
-    ids = tokenize(tokenizer, args.instance_prompt, args.tokenizer_max_length)
+    cache = {}
+
+    def ids_of(captions: list[str]) -> list[torch.Tensor]:
+        return [cache.setdefault(c, tokenize(tokenizer, c, args.tokenizer_max_length)) for c in captions]
+
+    ids = ids_of(inputs.instance_captions)
     class_images = class_ids = None
     if args.with_prior_preservation:
-        class_images = list_images(Path(args.class_data_dir), "class")[:args.num_class_images]
-        class_ids = tokenize(tokenizer, args.class_prompt, args.tokenizer_max_length)
+        folder = Path(args.class_data_dir)
+        class_images = list_images(folder, "class")[:args.num_class_images]
+        class_ids = ids_of(captions_for(class_images, read_metadata(folder), folder, args.caption_column,
+                                        args.class_prompt, "class", "--class_prompt"))
     return DreamBoothDataset(inputs.instance_images, ids, args.resolution, args.center_crop, args.random_flip,
                              class_images, class_ids)
 

@@ -3,6 +3,8 @@
 
     python training/eval_digits_base.py                       # 500 samples at guidance 4 and 2
     python training/eval_digits_base.py --num_samples 100 --guidance 4
+    python training/eval_digits_base.py --tokens sks ohwx zwx --num_samples 100 --guidance 4 \\
+        --output benchmarks/results/concept_token.json   # base accuracy on "a handwritten digit N <token>"
 
 * Data: scikit-learn's bundled 8x8 handwritten digits (1797 images), upscaled bilinearly to 32x32,
   split once (stratified, seeded) into the generator's training set and held-out digits.
@@ -138,6 +140,45 @@ def evaluate(pipe, recipe: dict, num_samples: int = 500, guidances: Sequence[flo
     return result
 
 
+def token_table(pipe, recipe: dict, tokens: Sequence[str], num_samples: int = 100, guidance: float = 4.0,
+                steps: int = 20, seed: int = 0, progress: bool = True) -> dict:
+    """Digit accuracy of the base (no adapter) on ``"a handwritten digit N <token>"`` per candidate token.
+
+    ``""`` (no token) is always measured first as the reference. Returns ``{"rows": [{"token", "pieces",
+    "accuracy", "per_digit", "drop"}], ...}`` sorted by accuracy (best first): the token that wrecks the base
+    least is ``rows[0]`` (among the candidates; the reference row is kept apart).
+    """
+    judge, _ = judge_from_recipe(recipe)
+    targets = np.arange(num_samples) % 10
+    rows = []
+    for tok in [""] + [t for t in tokens if t]:
+        prompts = [(PROMPT.format(d) + " " + tok).strip() for d in targets]
+        pred = judge.predict(generate(pipe, prompts, guidance, seed=seed, steps=steps, progress=progress))
+        rows.append({"token": tok, "pieces": pipe.tokenizer.tokenize(tok) if tok else [],
+                     "accuracy": float((pred == targets).mean()),
+                     "per_digit": [float((pred[targets == d] == d).mean()) for d in range(10)]})
+    ref = rows.pop(0)
+    for r in rows:
+        r["drop"] = ref["accuracy"] - r["accuracy"]
+    rows.sort(key=lambda r: -r["accuracy"])
+    return {"reference": ref, "rows": rows, "num_samples": num_samples, "guidance": guidance, "steps": steps,
+            "seed": seed}
+
+
+def token_markdown(t: dict) -> str:
+    head = (f"Base `builtin:digits` with no adapter, prompts \"a handwritten digit N <token>\", {t['num_samples']} "
+            f"samples per row (N = 0..9 equally), guidance {t['guidance']}, {t['steps']} steps, seed {t['seed']}; "
+            "judge: the project's digit classifier (eval_digits_base.DigitJudge).\n\n"
+            "| token | BPE pieces | digit accuracy | drop vs no token | worst digit |\n|---|---|---|---|---|\n")
+    ref = t["reference"]
+    lines = [f"| (none) | – | {ref['accuracy']:.3f} | – | {int(np.argmin(ref['per_digit']))}: "
+             f"{min(ref['per_digit']):.2f} |"]
+    for r in t["rows"]:
+        lines.append(f"| `{r['token']}` | {' '.join(r['pieces'])} | {r['accuracy']:.3f} | {r['drop']:+.3f} | "
+                     f"{int(np.argmin(r['per_digit']))}: {min(r['per_digit']):.2f} |")
+    return head + "\n".join(lines) + "\n"
+
+
 # ---- CLI ---------------------------------------------------------------------------------------------------
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -145,10 +186,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     g.add_argument("--pretrained_model_name_or_path", default="builtin:digits")
     g.add_argument("--asset", default=None, help="read the pipeline straight from this .safetensors file")
     g = p.add_argument_group("evaluation")
+    g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     g.add_argument("--num_samples", type=int, default=500)
     g.add_argument("--guidance", type=float, nargs="+", default=[4.0, 2.0])
     g.add_argument("--num_inference_steps", type=int, default=20)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--tokens", nargs="+", default=None,
+                   help="measure the token table instead: base accuracy on 'a handwritten digit N <token>' "
+                        "(first --guidance value); writes <output>.json and .md")
     g = p.add_argument_group("output")
     g.add_argument("--output", default=None, help="JSON file for the results (and a PNG grid next to it)")
     return p.parse_args(argv)
@@ -178,7 +223,18 @@ def main(args: argparse.Namespace) -> dict:
 
         pipe = load_pipeline(args.pretrained_model_name_or_path)
     pipe.set_progress_bar_config(disable=True)
+    pipe.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     recipe = read_metadata(asset)["recipe"]
+    if args.tokens:
+        from spectral_vision.fileio import atomic_write_json, atomic_write_text
+
+        t = token_table(pipe, recipe, args.tokens, args.num_samples, args.guidance[0], args.num_inference_steps,
+                        args.seed)
+        print(token_markdown(t))
+        if args.output:
+            atomic_write_json(Path(args.output).with_suffix(".json"), t)
+            atomic_write_text(Path(args.output).with_suffix(".md"), "# Concept token\n\n" + token_markdown(t))
+        return t
     res = evaluate(pipe, recipe, args.num_samples, args.guidance, args.num_inference_steps, args.seed)
     samples = res.pop("samples")
     print(json.dumps(res, indent=1))

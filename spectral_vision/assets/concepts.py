@@ -1,0 +1,55 @@
+"""Built-in concept adapters for ``builtin:digits``: small (rank 4, < 100 kB), trained, on disjoint bands.
+
+Each ``assets/concepts/<name>/`` is a concept folder as ``training/dreambooth_spectral.py`` writes it
+(``unet/`` and, when the text encoder was adapted, ``text_encoder/``: ``adapter_config.json`` +
+``adapter_model.safetensors``, spectral_vision's adapter format) plus ``concept.json``: the concept's
+token, its prompts (``prompt_template``: ``"a handwritten digit {digit} <token>"``), the method, rank, band,
+recipe and the solo metrics measured when it was trained.
+
+Shipped: ``bold`` (band 0) and ``slant`` (band 1). How they were trained
+(``benchmarks/fusion_digits.py --sweep --export_assets ...``, on one H200 GPU):
+
+* data: ``training/digit_concepts.write_instance_set(name, folder)``: 20 held-out digits per class (never
+  seen by the base) transformed by the concept (``bold``: grey dilation radius 2, ``slant``: shear 0.45),
+  each captioned with its digit (``"a handwritten digit 7 phol"``); prior preservation with the same
+  digits untransformed (``"a handwritten digit 7"``);
+* tokens ``phol`` (bold) and ``olis`` (slant): the candidates that lower the base's digit accuracy least
+  when appended with no adapter (``benchmarks/results/concept_token.md``);
+* ``training/dreambooth_spectral.py --adapter spectral_a --rank 4 --band i --train_text_encoder``, min-SNR 5,
+  batch 8 + 8 prior images, AdamW, constant lr; recipe per concept picked by the sweep
+  (``benchmarks/results/fusion_digits_sweep.md``): bold lr 3e-4 (UNet and text encoder), 600 steps; slant
+  lr 1e-3 (text encoder 1e-4), 1000 steps.
+* measured (200 samples, 2 seeds): bold 95.5 % digit accuracy on its prompts, 97.0 % on plain prompts,
+  0.97 of the real stroke-width shift (meets the targets); slant 51.0 %, 96.0 %, 0.58 of the real slant
+  (misses them). ``invert`` (16.5 % at best) is not shipped. Fusion results:
+  ``benchmarks/results/fusion_digits.md``.
+
+    from spectral_vision.assets.concepts import builtin_concepts, concept_info
+    folders = builtin_concepts()            # {"bold": Path(...), "slant": Path(...)}
+    fusion.pipeline.fuse_pipeline(pipe, list(folders.values()), mode="spectral", names=list(folders))
+    concept_info("bold")["prompt_template"].format(digit=7)   # "a handwritten digit 7 phol"
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+__all__ = ["CONCEPTS_DIR", "builtin_concepts", "concept_info"]
+
+CONCEPTS_DIR = Path(__file__).with_name("concepts")
+
+
+def builtin_concepts() -> dict[str, Path]:
+    """``{name: concept folder}`` of the shipped concepts, sorted by name (empty if none are installed)."""
+    if not CONCEPTS_DIR.is_dir():
+        return {}
+    return {p.name: p for p in sorted(CONCEPTS_DIR.iterdir()) if (p / "concept.json").is_file()}
+
+
+def concept_info(name: str) -> dict:
+    """The concept's ``concept.json``: ``token``, ``instance_prompt``, ``prompt_template``, ``method``, ``rank``,
+    ``band``, ``recipe`` and ``measured`` (its solo metrics)."""
+    folders = builtin_concepts()
+    if name not in folders:
+        raise KeyError(f"no built-in concept {name!r}; available: {sorted(folders)}")
+    return json.loads((folders[name] / "concept.json").read_text())
