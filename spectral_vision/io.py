@@ -303,6 +303,9 @@ def _check_layer(model_modules: dict, name: str, info: dict, tensors: dict) -> l
                                f"this model has {type(m).__name__} {shape} (another base?)")
     if kind != info["kind"]:
         raise AdapterFileError(f"layer {name!r}: field 'kind' is {info['kind']!r}, the layer is {kind!r}")
+    w2d = [shape[1], shape[0]] if kind == "conv1d" else [shape[0], math.prod(shape[1:])]  # the (out, in) convention
+    if info["shape"] != w2d:
+        raise AdapterFileError(f"layer {name!r}: field 'shape' is {info['shape']}, the layer's W (out, in) is {w2d}")
     return tensors[f"{name}.columns"].tolist()
 
 

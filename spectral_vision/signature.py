@@ -101,6 +101,9 @@ def match_basis(sig: torch.Tensor, U: torch.Tensor, S: torch.Tensor, V: torch.Te
     out_u, out_s, out_v, worst = [], [], [], 0.0
     for i, c in enumerate(columns):
         s_i = float(sigma[i])
+        if abs(float(Sf[c]) - s_i) > CLUSTER_RTOL * max(abs(s_i), 1e-12):
+            raise ValueError(f"singular column {c} has σ={float(Sf[c]):.4g} here, saved {s_i:.4g}: not the column the "
+                             "adapter was trained on (another base, or columns changed)")
         near = torch.nonzero((Sf - s_i).abs() <= CLUSTER_RTOL * max(abs(s_i), 1e-12)).flatten()
         if c not in near.tolist():
             near = torch.cat([near, torch.tensor([c])])
