@@ -297,7 +297,7 @@ def _check_layer(model_modules: dict, name: str, info: dict, tensors: dict) -> l
         raise AdapterFileError(f"layer {name!r} of the adapter does not exist in this model (another base?)")
     m = m.base_layer if isinstance(m, SpectralLayer) else m
     kind = layer_kind(m)
-    shape = list(getattr(m, "weight", torch.empty(0)).shape)
+    shape = list(m.weight.shape) if isinstance(getattr(m, "weight", None), torch.Tensor) else []
     if kind is None or shape != info["base_shape"]:
         raise AdapterFileError(f"layer {name!r}: adapter was made for a {info['kind']} weight {info['base_shape']}, "
                                f"this model has {type(m).__name__} {shape} (another base?)")

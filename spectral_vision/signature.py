@@ -39,7 +39,7 @@ MAX_CLUSTER = 4  # at most this many recomputed columns per saved column (keeps 
 def projection(n: int, m: int = SIG_DIM) -> torch.Tensor:
     """``(n, m)`` float32 Gaussian directions, identical on every machine for a given ``n``."""
     g = torch.Generator(device="cpu").manual_seed(SIG_SEED * 1_000_003 + int(n))
-    return torch.randn(n, m, generator=g)
+    return torch.randn(n, m, generator=g, device="cpu")
 
 
 def _project(U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
@@ -94,7 +94,7 @@ def match_basis(sig: torch.Tensor, U: torch.Tensor, S: torch.Tensor, V: torch.Te
     sigma, target = sig[:, 0].float(), sig[:, 1:].float()  # (c,), (c, 2m)
     Uf, Sf, Vf = U.float().cpu(), S.float().cpu(), V.float().cpu()
     proj = _project(Uf, Vf)  # (k, 2m)
-    cols = torch.tensor(columns, dtype=torch.long)
+    cols = torch.tensor(columns, dtype=torch.long, device="cpu")
     ok, worst = direct_match(sig, Uf[:, cols], Vf[:, cols])
     if ok:
         return True, U[:, cols], S[cols], V[:, cols], worst
@@ -106,7 +106,7 @@ def match_basis(sig: torch.Tensor, U: torch.Tensor, S: torch.Tensor, V: torch.Te
                              "adapter was trained on (another base, or columns changed)")
         near = torch.nonzero((Sf - s_i).abs() <= CLUSTER_RTOL * max(abs(s_i), 1e-12)).flatten()
         if c not in near.tolist():
-            near = torch.cat([near, torch.tensor([c])])
+            near = torch.cat([near, torch.tensor([c], device="cpu")])
         near = near[torch.argsort((Sf[near] - s_i).abs())][:MAX_CLUSTER]  # the closest singular values
         a, res = _residual(target[i], proj[near].T)
         norm = float(a.norm())
@@ -122,7 +122,7 @@ def match_basis(sig: torch.Tensor, U: torch.Tensor, S: torch.Tensor, V: torch.Te
         worst = max(worst, res)
     Uc, Vc = torch.stack(out_u, 1), torch.stack(out_v, 1)  # (out, c), (in, c)
     gram = Uc.T @ Uc
-    if (gram - torch.eye(len(columns))).abs().max() > 4 * RES_TOL:
+    if (gram - torch.eye(len(columns), device="cpu")).abs().max() > 4 * RES_TOL:
         raise ValueError("the rebuilt singular columns are not orthonormal: two saved columns matched the same "
                          "recomputed one (ambiguous basis)")
     return False, Uc.to(dev), torch.stack(out_s).to(dev), Vc.to(dev), worst

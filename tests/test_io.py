@@ -261,3 +261,19 @@ def test_messages_name_what_the_model_holds(tmp_path):
         sv.merge(model)
     with pytest.raises(ValueError, match="may not contain"):
         sv.attach(model, sv.SpectralConfig(rank=2), "../x", progress=False)
+
+
+def test_load_with_a_basis_fix_under_meta_default_device(tmp_path):
+    """Issue 13: every tensor load_adapter creates (signature matching, rebuilt adapter) lives on the base's
+    device: under ``torch.device("meta")`` as the default device, a CPU model still gets CPU adapters."""
+    W = _weight(_flipping_seed())
+    model = _adapted(W)
+    ref = dict(sv.spectral_layers(model))["proj"].delta_weight().detach()
+    sv.save_adapter(model, tmp_path / "a")
+    low = Head(W).to(torch.bfloat16)
+    with torch.device("meta"):
+        sv.load_adapter(low, tmp_path / "a", progress=False)
+    layer = dict(sv.spectral_layers(low))["proj"]
+    tensors = list(layer.adapters.parameters()) + list(layer.adapters.buffers())
+    assert tensors and all(t.device.type == "cpu" for t in tensors)
+    assert _rel_err(low, ref) < 2e-2
