@@ -7,6 +7,7 @@ Where things live:
     presets.py    target-module presets per model family (the backbone table)
     model.py      attach / detach / set_adapter / merge / trainable_parameters
     io.py         safetensors save / load with base fingerprint and validation of every field
+    adapter_file.py  reading + validating adapter folders (bounded, every field checked)
     signature.py  basis signatures: a reload never silently uses other singular vectors
     spectral_model.py  SpectralModel / get_spectral_model: the PEFT-like one-call entry
 """

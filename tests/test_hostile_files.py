@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import spectral_vision as sv
-from spectral_vision import io as svio
+from spectral_vision import adapter_file, io as svio
 from spectral_vision.fileio import file_sha256
 from spectral_vision.zoo import create_model
 from conftest import perturb
@@ -28,6 +28,13 @@ def _no_hang():
     yield
     signal.alarm(0)
     signal.signal(signal.SIGALRM, old)
+
+
+@pytest.fixture(scope="module")
+def base():
+    """One base model for all cases (each case checks that a refused load left it exactly as it was)."""
+    model = create_model("tiny-vit")
+    return model, _snapshot(model)
 
 
 @pytest.fixture(scope="module")
@@ -260,7 +267,7 @@ BAD = {
     "config-missing": lambda d: cfg_path(d).unlink(),
     "config-dangling-symlink": symlink_to("/nonexistent/adapter_config.json", cfg_path),
     # tensor file (re-signed, so the deeper checks run)
-    **{f"truncate-{f}-{'signed' if s else 'raw'}": truncate(f, s) for f in (0.0, 0.001, 0.01, 0.5, 0.99) for s in (0, 1)},
+    **{f"truncate-{f}-{'signed' if s else 'raw'}": truncate(f, s) for f in (0.0, 0.01, 0.5, 0.99) for s in (0, 1)},
     "header-length-huge": header_length(1 << 62),
     "header-length-100MB": header_length(100 << 20),
     "header-length-zero": header_length(0),
@@ -287,8 +294,8 @@ BAD = {
     "signature-wrong-shape": set_signature(lambda s: torch.zeros(3, 3)),
     "signature-nan": set_signature(lambda s: torch.full_like(s, float("nan"))),
     "signature-int": set_signature(lambda s: s.long()),
-    **{f"header-flip-{p}-{b}": header_flip(p * 37 + 11, b) for p in range(12) for b in (0, 3, 6)},
-    **{f"header-flip-raw-{p}": header_flip(p * 101 + 5, 1, sign=False) for p in range(3)},
+    **{f"header-flip-{p}-{b}": header_flip(p * 89 + 11, b) for p in range(6) for b in (0, 5)},
+    **{f"header-flip-raw-{p}": header_flip(p * 101 + 5, 1, sign=False) for p in range(2)},
 }
 
 MAY_LOAD = {c for c in BAD if c.startswith("header-flip")} | {"columns-other-band"}
@@ -310,11 +317,10 @@ def _copy(good, tmp_path):
 
 
 @pytest.mark.parametrize("case", list(BAD))
-def test_hostile_file_is_refused_and_model_unchanged(case, good, tmp_path):
+def test_hostile_file_is_refused_and_model_unchanged(case, good, base, tmp_path):
     folder = _copy(good, tmp_path)
     BAD[case](folder)
-    model = create_model("tiny-vit")
-    snap = _snapshot(model)
+    model, snap = base
     try:
         sv.load_adapter(model, folder, progress=False)
     except sv.AdapterFileError as e:
@@ -323,9 +329,12 @@ def test_hostile_file_is_refused_and_model_unchanged(case, good, tmp_path):
         return
     # accepted: only a change that does not alter the adapter may be (a header bit flip inside a metadata
     # string; another band whose singular values are within 5 % of the saved ones, matched by the signature)
-    assert case in MAY_LOAD, f"{case} was accepted"
-    with torch.no_grad():
-        assert torch.allclose(model(X), good[1], atol=1e-5)
+    try:
+        assert case in MAY_LOAD, f"{case} was accepted"
+        with torch.no_grad():
+            assert torch.allclose(model(X), good[1], atol=1e-5)
+    finally:
+        sv.detach(model)
 
 
 @pytest.mark.parametrize("case", list(BENIGN))
@@ -355,6 +364,6 @@ def test_loading_onto_an_adapted_model_rolls_back_only_the_new_adapter(good, tmp
 
 def test_config_file_size_is_bounded(good, tmp_path, monkeypatch):
     folder = _copy(good, tmp_path)
-    monkeypatch.setattr(svio, "MAX_CONFIG_BYTES", 1000)
+    monkeypatch.setattr(adapter_file, "MAX_CONFIG_BYTES", 1000)
     with pytest.raises(sv.AdapterFileError, match="larger than"):
         sv.read_adapter(folder)
