@@ -196,7 +196,7 @@ def export_lora(
                           "target_modules": sorted(ranks),
                           "fan_in_fan_out": any(facs[n][0].kind == "conv1d" for n in ranks)}
     if not layers:
-        raise KeyError(f"export_lora: no spectral adapter {adapter_name!r} to export; {_holdings(comps, prefix)}")
+        raise KeyError(f"export_lora: no adapter {adapter_name!r} to export; {_holdings(comps, prefix)}")
 
     lossy = {k: v for k, v in layers.items() if not v["exact"]}
     if lossy:
