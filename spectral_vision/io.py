@@ -37,7 +37,7 @@ __all__ = ["save_adapter", "load_adapter", "read_adapter", "base_fingerprint", "
            "CONFIG_NAME", "WEIGHTS_NAME"]
 
 SIGMA_RTOL = 1e-2  # singular values of the same base agree far better than this across dtypes/devices
-DELTA_LIMIT = 1e4  # ‖B‖·‖A‖ (a bound of ‖ΔW‖) above this × ‖W‖ is refused: 1e30 tensors, alpha 1e30
+DELTA_LIMIT = 1e4  # ‖B‖·‖A‖ (a bound of ‖ΔW‖) above this × max(‖W‖, 1) is refused: 1e30 tensors, alpha 1e30
 _atomic_write = atomic_write  # old name, used by other modules
 
 
@@ -183,7 +183,7 @@ def _check_delta(layer: SpectralLayer, name: str, delta) -> None:
         B, A = delta.factors()  # (out, R), (R, in)
         bound = float(B.float().norm()) * float(A.float().norm())
         w = float(layer.weight_2d().norm())
-    if not math.isfinite(bound) or bound > DELTA_LIMIT * max(w, 1e-6):
+    if not math.isfinite(bound) or bound > DELTA_LIMIT * max(w, 1.0):
         raise AdapterFileError(f"layer {name!r}: the adapter's ΔW is not finite or {bound:.3g} >> ‖W‖ = {w:.3g} "
                                f"(limit {DELTA_LIMIT:g}x): corrupt or hostile tensors / alpha")
 

@@ -65,10 +65,11 @@ def direct_match(sig: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> tuple[b
     """``(ok, worst residual)``: whether the columns ``U (out, c)``, ``V (in, c)`` are the saved ones, same sign."""
     if sig.dim() != 2 or sig.shape != (U.shape[1], 1 + 2 * SIG_DIM):
         raise ValueError(f"basis signature has shape {tuple(sig.shape)}, expected ({U.shape[1]}, {1 + 2 * SIG_DIM})")
-    target, proj = sig[:, 1:].float(), _project(U, V)  # (c, 2m) each
-    res = [_residual(target[i], proj[i][:, None])[1] for i in range(U.shape[1])]
-    same_sign = bool(((target * proj).sum(1) > 0).all())
-    worst = max(res, default=0.0)
+    target, proj = sig[:, 1:].double(), _project(U, V).double()  # (c, 2m) each
+    a = (target * proj).sum(1) / (proj * proj).sum(1).clamp_min(1e-30)  # (c,) per-column least squares
+    res = (target - a[:, None] * proj).norm(dim=1) / target.norm(dim=1).clamp_min(1e-30)  # (c,)
+    same_sign = bool((a > 0).all())
+    worst = float(res.max()) if res.numel() else 0.0
     return worst <= RES_TOL and same_sign, worst
 
 

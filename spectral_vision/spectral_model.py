@@ -145,17 +145,17 @@ class SpectralModel(nn.Module):
         """Save adapters as :func:`spectral_vision.save_adapter` does: one adapter into ``save_directory``;
         several: ``"default"`` into ``save_directory``, every other one into ``save_directory/<name>/``."""
         path = Path(save_directory)
-        names = self.adapter_names if selected_adapters is None else list(selected_adapters)
-        if selected_adapters is None or len(names) != 1:
-            for n in names:
-                if n not in self.adapter_names:
-                    raise KeyError(f"no adapter {n!r}; the model holds {self.adapter_names}")
-            if selected_adapters is None:
-                return save_adapter(self.base_model, path, None, extra_metadata)
-            for n in names:
-                save_adapter(self.base_model, path if n == "default" else path / n, n, extra_metadata)
-            return path
-        return save_adapter(self.base_model, path, names[0], extra_metadata)
+        if selected_adapters is None:
+            return save_adapter(self.base_model, path, None, extra_metadata)
+        names = list(selected_adapters)
+        unknown = [n for n in names if n not in self.adapter_names]
+        if unknown or not names:
+            raise KeyError(f"no adapter(s) {unknown or names}; the model holds {self.adapter_names}")
+        if len(names) == 1:
+            return save_adapter(self.base_model, path, names[0], extra_metadata)
+        for n in names:
+            save_adapter(self.base_model, path if n == "default" else path / n, n, extra_metadata)
+        return path
 
     def load_adapter(self, path: Union[str, Path], adapter_name: Optional[str] = None, is_trainable: bool = False,
                      strict_base: bool = True) -> None:

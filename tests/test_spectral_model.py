@@ -1,4 +1,6 @@
 """The PEFT-like entry: get_spectral_model / SpectralModel.from_pretrained on timm, diffusers and transformers."""
+import json
+
 import pytest
 import torch
 
@@ -67,6 +69,10 @@ def test_add_set_delete_adapter_and_errors(tmp_path):
         model.set_adapter("c")
     with pytest.raises(KeyError, match=r"holds \['default', 'b'\]"):
         model.delete_adapter("c")
+    model.save_pretrained(tmp_path / "sel", selected_adapters=["b"])  # one selected adapter: the folder itself
+    assert json.loads((tmp_path / "sel" / "adapter_config.json").read_text())["adapter_name"] == "b"
+    with pytest.raises(KeyError, match="holds"):
+        model.save_pretrained(tmp_path / "sel", selected_adapters=["zz"])
     model.delete_adapter("b")
     assert model.adapter_names == ["default"]
     model.save_pretrained(tmp_path / "one")
