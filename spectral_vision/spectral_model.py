@@ -160,14 +160,16 @@ class SpectralModel(nn.Module):
     def load_adapter(self, path: Union[str, Path], adapter_name: Optional[str] = None, is_trainable: bool = False,
                      strict_base: bool = True) -> None:
         """Load one adapter folder (all checks of :func:`spectral_vision.load_adapter`) under ``adapter_name``."""
-        active = self.active_adapters
+        active, before = self.active_adapters, set(self.adapter_names)
         load_adapter(self.base_model, path, adapter_name, strict_base=strict_base, progress=False)
         if active:
             _m.set_adapter(self.base_model, active)
         if not is_trainable:
+            new = [n for n in self.adapter_names if n not in before]
             for _, layer in _m.spectral_layers(self.base_model):
-                for p in layer.adapters.parameters():
-                    p.requires_grad_(False)
+                for n in new:
+                    if n in layer.adapters:
+                        layer.adapters[n].requires_grad_(False)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, path: Union[str, Path], adapter_name: Optional[str] = None,
@@ -204,6 +206,11 @@ class SpectralModel(nn.Module):
             for name in [n for n in self.adapter_names if n not in before]:  # all or nothing
                 _m.detach(model, name)
             raise
+        loaded = [n for n in self.adapter_names if n not in before]
+        for _, layer in _m.spectral_layers(model):  # frozen for inference unless is_trainable (the first one)
+            for n in loaded:
+                if n in layer.adapters:
+                    layer.adapters[n].requires_grad_(is_trainable and n == loaded[0])
         return self
 
 

@@ -242,6 +242,7 @@ def test_save_adapter_without_name_saves_what_is_there(tmp_path):
         want = model(x)
     fresh = sv.SpectralModel.from_pretrained(create_model("tiny-vit"), tmp_path / "all")
     assert sorted(fresh.adapter_names) == ["a", "b", "default"]
+    assert not any(p.requires_grad for p in fresh.parameters())  # inference: every loaded adapter frozen
     fresh.set_adapter(["a", "default", "b"])
     with torch.no_grad():
         assert torch.allclose(fresh(x), want, atol=1e-5)
