@@ -6,7 +6,10 @@ Where things live:
     methods/      one file per method on SpectralDelta (registry in methods/base.py)
     presets.py    target-module presets per model family (the backbone table)
     model.py      attach / detach / set_adapter / merge / trainable_parameters
-    io.py         safetensors save / load with base fingerprint
+    io.py         safetensors save / load with base fingerprint and validation of every field
+    adapter_file.py  reading + validating adapter folders (bounded, every field checked)
+    signature.py  basis signatures: a reload never silently uses other singular vectors
+    spectral_model.py  SpectralModel / get_spectral_model: the PEFT-like one-call entry
 """
 __version__ = "0.1.0"
 
@@ -21,13 +24,15 @@ from .model import (
 )
 from .io import save_adapter, load_adapter, read_adapter, AdapterFileError
 from .export import export_lora
+from .spectral_model import SpectralModel, get_spectral_model
 
 __all__ = [
     "SpectralConfig", "Basis", "decompose", "canonicalize_signs", "SpectralDelta", "register_method",
     "get_method", "available_methods", "SpectralLayer", "PRESETS", "attach", "detach", "set_adapter",
     "enable_adapters", "disable_adapters", "merge", "unmerge", "merge_and_unload", "spectral_layers",
     "adapter_names", "adapter_config", "trainable_parameters", "ParamCount", "save_adapter",
-    "load_adapter", "read_adapter", "AdapterFileError", "export_lora", "analysis",
+    "load_adapter", "read_adapter", "AdapterFileError", "export_lora", "analysis", "SpectralModel",
+    "get_spectral_model",
 ]
 
 

@@ -32,7 +32,8 @@ from torch import nn
 
 from .presets import PRESETS
 
-__all__ = ["BASELINES", "is_peft_method", "peft_target_modules", "attach_peft", "attach_adapter"]
+__all__ = ["BASELINES", "is_peft_method", "peft_target_modules", "attach_peft", "attach_adapter", "peft_layers",
+           "peft_adapter_names", "merge_peft", "unmerge_peft", "unload_peft"]
 
 BASELINES = ("lora", "dora", "oft", "vera", "pissa")
 
@@ -108,6 +109,47 @@ def attach_peft(
 
     config = _peft_config(method, int(rank), peft_target_modules(target_modules), peft_target_modules(exclude_modules),
                           alpha, peft_kwargs)
+    snapshot = _snapshot(model)
+    try:
+        _inject(model, method, config, adapter_name, target_modules)
+    except Exception:
+        _restore(model, snapshot, adapter_name)  # PEFT replaces modules one by one: never leave a half-modified model
+        raise
+    return model
+
+
+def _snapshot(model: nn.Module) -> dict:
+    """What :func:`_restore` needs: the module objects by name, the parameter data and requires_grad flags."""
+    return {"modules": dict(model.named_modules()), "names": set(peft_adapter_names(model)),
+            "params": {id(p): (p, p.data, p.requires_grad) for p in model.parameters()},
+            "peft_config": getattr(model, "peft_config", None), "had_config": hasattr(model, "peft_config")}
+
+
+def _restore(model: nn.Module, snap: dict, adapter_name: str) -> None:
+    """Undo a failed injection: put every original module object back, restore parameter data and flags."""
+    modules = snap["modules"]
+    if adapter_name not in snap["names"]:  # layers that were PEFT layers already got one more adapter
+        for _, m in peft_layers(model):
+            if adapter_name in _layer_names(m):
+                m.delete_adapter(adapter_name)
+    for name, module in list(model.named_modules()):
+        if name and name in modules and modules[name] is not module:
+            parent_name, _, child = name.rpartition(".")
+            parent = modules[parent_name] if parent_name else model
+            setattr(parent, child, modules[name])
+    for p, data, grad in snap["params"].values():
+        if p.data is not data:
+            p.data = data  # PiSSA replaces the base weight by its residual
+        p.requires_grad_(grad)
+    if snap["had_config"]:
+        model.peft_config = snap["peft_config"]
+    elif hasattr(model, "peft_config"):
+        del model.peft_config
+
+
+def _inject(model: nn.Module, method: str, config, adapter_name: str, target_modules) -> None:
+    import peft
+
     if method == "vera":
         # VeRA keeps its random projections vera_A/vera_B on the tuner (shared state), which
         # inject_adapter_in_model refuses. Building the tuner mutates `model` in place; every VeRA
@@ -130,6 +172,63 @@ def attach_peft(
         raise ValueError(f"{method}: target_modules {target_modules!r} matched no layer PEFT can adapt")
     for p in model.parameters():
         p.requires_grad_(id(p) in own)
+
+
+# ---- PEFT layers injected in place: names, merge, unload (used by spectral_vision.merge & co) -------------
+def peft_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, layer)`` of every PEFT tuner layer (LoRA, DoRA, OFT, VeRA, PiSSA) in ``model``."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except Exception:  # peft not installed: no PEFT layer can exist
+        return []
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+
+
+def _layer_names(m) -> list[str]:
+    seen: dict[str, None] = {}
+    for attr in m.adapter_layer_names:
+        sub = getattr(m, attr, None)
+        if isinstance(sub, (nn.ModuleDict, nn.ParameterDict)):
+            seen.update(dict.fromkeys(sub.keys()))
+    return list(seen)
+
+
+def peft_adapter_names(model: nn.Module) -> list[str]:
+    """Names of the PEFT adapters present in ``model`` (empty without PEFT layers)."""
+    seen: dict[str, None] = {}
+    for _, m in peft_layers(model):
+        seen.update(dict.fromkeys(_layer_names(m)))
+    return list(seen)
+
+
+def merge_peft(model: nn.Module, adapter_names: Optional[list[str]] = None) -> int:
+    """Merge PEFT adapters (default: the active ones) into the base weights; returns the number of layers."""
+    layers = peft_layers(model)
+    for _, m in layers:
+        names = None if adapter_names is None else [n for n in adapter_names if n in _layer_names(m)]
+        if names == []:
+            continue
+        m.merge(adapter_names=names)
+    return len(layers)
+
+
+def unmerge_peft(model: nn.Module) -> None:
+    """Undo :func:`merge_peft` (PEFT subtracts the merged delta again)."""
+    for _, m in peft_layers(model):
+        if m.merged:
+            m.unmerge()
+
+
+def unload_peft(model: nn.Module, merge: bool = True) -> nn.Module:
+    """Replace every PEFT layer by its base layer, merging its active adapters first when ``merge``."""
+    for name, m in peft_layers(model):
+        if merge and not m.merged:
+            m.merge()
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, m.get_base_layer())
+    if hasattr(model, "peft_config") and not peft_layers(model):
+        del model.peft_config
     return model
 
 

@@ -39,7 +39,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from . import __version__
-from .io import _atomic_write
+from .fileio import atomic_write
 from .layers import SpectralLayer
 from .model import adapter_config, spectral_layers
 from .svd import decompose
@@ -87,6 +87,23 @@ def _components(models, prefix: Optional[str]) -> dict[str, nn.Module]:
             raise ValueError("prefix= applies to a single module; the keys of the dict are the prefixes")
         return dict(models)
     raise TypeError("models must be an nn.Module or a non-empty dict {component name: nn.Module}")
+
+
+def _holdings(comps: dict, prefix: Optional[str]) -> str:
+    """What the given model(s) really hold, for the error message (never a component name the user did not pass)."""
+    from .baselines import peft_adapter_names
+    from .model import adapter_names
+
+    def one(m):
+        spectral, peft = adapter_names(m), peft_adapter_names(m)
+        text = f"spectral adapters {spectral}"
+        if peft:
+            text += f", PEFT adapters {peft} (already LoRA-style: save them with peft's get_peft_model_state_dict)"
+        return text
+
+    if len(comps) == 1 and prefix is None:  # a bare module: no component name of ours in the message
+        return f"the model ({type(next(iter(comps.values()))).__name__}) holds {one(next(iter(comps.values())))}"
+    return "; ".join(f"component {c!r} ({type(m).__name__}) holds {one(m)}" for c, m in comps.items())
 
 
 def _kohya_name(component: str, module: nn.Module, path: str) -> str:
@@ -179,7 +196,7 @@ def export_lora(
                           "target_modules": sorted(ranks),
                           "fan_in_fan_out": any(facs[n][0].kind == "conv1d" for n in ranks)}
     if not layers:
-        raise KeyError(f"no adapter {adapter_name!r} on any of the components {list(comps)}")
+        raise KeyError(f"export_lora: no adapter {adapter_name!r} to export; {_holdings(comps, prefix)}")
 
     lossy = {k: v for k, v in layers.items() if not v["exact"]}
     if lossy:
@@ -200,7 +217,7 @@ def export_lora(
         dim = max(rank_pattern.values())
         metadata.update({"ss_network_module": "networks.lora", "ss_network_dim": str(dim),
                          "ss_network_alpha": str(dim)})
-    _atomic_write(path, lambda f: save_file(tensors, f, metadata=metadata))
+    atomic_write(path, lambda f: save_file(tensors, f, metadata=metadata))
     return {"path": str(path), "format": format, "adapter_name": adapter_name, "exact": not lossy,
             "max_rel_error": max(v["rel_error"] for v in layers.values()), "layers": layers,
             "peft_config": peft_cfg}

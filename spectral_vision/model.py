@@ -19,8 +19,17 @@ from .presets import match_targets
 __all__ = [
     "attach", "detach", "set_adapter", "enable_adapters", "disable_adapters", "merge", "unmerge",
     "merge_and_unload", "spectral_layers", "adapter_names", "adapter_config", "trainable_parameters",
-    "ParamCount",
+    "ParamCount", "check_adapter_name",
 ]
+
+
+def check_adapter_name(name) -> str:
+    """An adapter name is a non-empty str usable as a module key and a folder name (no ``.``, ``/``, ``\\``)."""
+    if not isinstance(name, str) or not name or len(name) > 128:
+        raise TypeError(f"adapter name must be a non-empty str (<= 128 chars), got {name!r}")
+    if any(c in name for c in "./\\\0") or name.startswith("-"):
+        raise ValueError(f"adapter name {name!r} may not contain '.', '/', '\\' or NUL (it names modules and folders)")
+    return name
 
 
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -36,6 +45,10 @@ def spectral_layers(model: nn.Module) -> Iterator[tuple[str, SpectralLayer]]:
             yield name, module
 
 
+def _names(model: nn.Module) -> list[str]:
+    return adapter_names(model)
+
+
 def adapter_names(model: nn.Module) -> list[str]:
     """Names of the adapters present on the model, in insertion order."""
     seen: dict[str, None] = {}
@@ -49,7 +62,7 @@ def adapter_config(model: nn.Module, adapter_name: str = "default") -> SpectralC
     for _, layer in spectral_layers(model):
         if adapter_name in layer.adapters:
             return layer.adapters[adapter_name].cfg
-    raise KeyError(f"no adapter {adapter_name!r} on this model; present: {adapter_names(model)}")
+    raise KeyError(f"no adapter {adapter_name!r} on this model; it holds {adapter_names(model)}")
 
 
 def attach(
@@ -70,6 +83,7 @@ def attach(
     Returns the same ``model``.
     """
     get_method(cfg.method)  # fail early on an unknown method
+    check_adapter_name(adapter_name)
     if adapter_name in adapter_names(model):
         raise ValueError(f"adapter {adapter_name!r} already exists; pick another adapter_name or detach it")
 
@@ -134,15 +148,16 @@ def _refresh_trainable(model: nn.Module) -> None:
 def detach(model: nn.Module, adapter_name: Optional[str] = None) -> nn.Module:
     """Remove adapter ``adapter_name`` (default: all adapters, restoring the original modules).
 
-    Unmerged layers are restored bit for bit (the base module object itself is put back).
+    Layers are restored bit for bit (the base module object itself is put back); other adapters of a
+    layer stay as they were (merged ones stay merged unless ``adapter_name`` itself was merged).
     """
     for name, layer in list(spectral_layers(model)):
         if adapter_name is not None and adapter_name not in layer.adapters:
             continue
-        layer.unmerge()
         if adapter_name is not None:
-            layer.remove_adapter(adapter_name)
+            layer.remove_adapter(adapter_name)  # unmerges only if this adapter was merged
         if adapter_name is None or not layer.adapters:
+            layer.unmerge()
             _set_module(model, name, layer.base_layer)
     return model
 
@@ -152,7 +167,7 @@ def set_adapter(model: nn.Module, adapter_name: Union[str, list[str]]) -> None:
     names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
     missing = set(names) - set(adapter_names(model))
     if missing:
-        raise KeyError(f"no adapter(s) {sorted(missing)}; present: {adapter_names(model)}")
+        raise KeyError(f"no adapter(s) {sorted(missing)}; this model holds {adapter_names(model)}")
     for _, layer in spectral_layers(model):
         if layer.merged_adapters:
             layer.unmerge()
@@ -173,21 +188,44 @@ def disable_adapters(model: nn.Module) -> None:
         layer.disabled = True
 
 
+def _peft():
+    from . import baselines
+
+    return baselines
+
+
 def merge(model: nn.Module, adapter_names: Optional[list[str]] = None) -> None:
-    """Fold the active adapters (or ``adapter_names``) into the base weights for inference."""
+    """Fold the active adapters (or ``adapter_names``) into the base weights for inference.
+
+    Works on spectral adapters and on PEFT baselines injected by :mod:`spectral_vision.baselines`.
+    Raises ``ValueError`` if the model holds no adapter at all, ``KeyError`` for an unknown name
+    (never a silent no-op).
+    """
+    spectral, peft_names = _names(model), _peft().peft_adapter_names(model)
+    if not spectral and not peft_names:
+        raise ValueError(f"merge: {type(model).__name__} holds no adapter (spectral or PEFT)")
+    if adapter_names is not None:
+        unknown = sorted(set(adapter_names) - set(spectral) - set(peft_names))
+        if unknown:
+            raise KeyError(f"merge: no adapter(s) {unknown}; this model holds spectral {spectral}, PEFT {peft_names}")
     for _, layer in spectral_layers(model):
         names = None if adapter_names is None else [n for n in adapter_names if n in layer.adapters]
         layer.merge(names)
+    if peft_names:
+        _peft().merge_peft(model, None if adapter_names is None else [n for n in adapter_names if n in peft_names])
 
 
 def unmerge(model: nn.Module) -> None:
-    """Restore every merged layer's base weight exactly."""
+    """Restore every merged layer's base weight exactly (spectral layers; PEFT layers as PEFT does)."""
     for _, layer in spectral_layers(model):
         layer.unmerge()
+    _peft().unmerge_peft(model)
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Bake the active adapters into the weights and remove the wrappers: a plain model again."""
+    """Bake the active adapters into the weights and remove the wrappers: a plain model again
+    (PEFT baselines too)."""
+    _peft().unload_peft(model, merge=True)
     for name, layer in list(spectral_layers(model)):
         layer.merge()
         layer._original_weight = None

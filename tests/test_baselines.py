@@ -97,3 +97,61 @@ def test_attach_adapter_dispatch():
     assert hasattr(model2.blocks[0].attn.qkv, "lora_magnitude_vector")
     with pytest.raises(ValueError, match="unknown method"):
         attach_adapter(_vit()[0], "nope", 2, "timm_vit")
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "oft", "vera", "pissa"])
+def test_sv_merge_on_peft_model_merges_exactly(method, tmp_path):
+    """Issue 18: sv.merge / unmerge / merge_and_unload act on PEFT baselines (never a silent no-op)."""
+    model, x, _ = _vit()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        attach_peft(model, method, rank=4, target_modules="timm_vit")
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+        y = model(x)
+        w = model.blocks[0].attn.qkv.get_base_layer().weight.clone()
+        sv.merge(model)
+        assert model.blocks[0].attn.qkv.merged and not torch.equal(model.blocks[0].attn.qkv.get_base_layer().weight, w)
+        assert torch.allclose(model(x), y, atol=1e-4)
+        sv.unmerge(model)
+        assert torch.allclose(model.blocks[0].attn.qkv.get_base_layer().weight, w, atol=1e-6)
+        plain = sv.merge_and_unload(model)
+        assert type(plain.blocks[0].attn.qkv) is torch.nn.Linear and not hasattr(plain, "peft_config")
+        assert torch.allclose(plain(x), y, atol=1e-4)
+    with pytest.raises(ValueError, match="holds no adapter"):
+        sv.merge(plain)
+
+
+def test_peft_names_in_messages(tmp_path):
+    """save_adapter / export_lora / merge on a PEFT model name the PEFT adapters that are there."""
+    model, _, _ = _vit()
+    attach_peft(model, "lora", 2, "timm_vit", adapter_name="mine")
+    with pytest.raises(KeyError, match=r"PEFT adapters \['mine'\]"):
+        sv.save_adapter(model, tmp_path / "a")
+    with pytest.raises(KeyError, match=r"PEFT adapters \['mine'\]") as e:
+        sv.export_lora(model, tmp_path / "l.safetensors")
+    assert "unet" not in str(e.value)
+    with pytest.raises(KeyError, match=r"PEFT \['mine'\]"):
+        sv.merge(model, ["other"])
+
+
+def test_failed_peft_attach_rolls_back():
+    """Issue 18: a PEFT injection that fails on a later layer (LoRA rank not divisible by a grouped conv's
+    groups) leaves the model exactly as it was: same module objects, weights, requires_grad, no peft_config."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3), torch.nn.Conv2d(8, 8, 3, groups=8))
+    model[1].weight.requires_grad_(False)
+    before = dict(model.named_modules())
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match="groups"):
+            attach_peft(model, "lora", 2, ["0", "1"])
+    assert dict(model.named_modules()) == before
+    assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items()) and list(model.state_dict()) == list(sd)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
+    assert not hasattr(model, "peft_config")
