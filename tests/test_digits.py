@@ -9,8 +9,6 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "training"))
-sys.path.insert(0, str(REPO / "benchmarks"))
 
 import digit_concepts as dc  # noqa: E402
 from eval_digits_base import DigitJudge, load_digit_images, split_indices  # noqa: E402

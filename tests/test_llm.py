@@ -13,7 +13,6 @@ import spectral_vision as sv
 from spectral_vision.integrations import transformers as svt
 from spectral_vision.zoo import create_model
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
 from conftest import perturb  # noqa: E402
 
 

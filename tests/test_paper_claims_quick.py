@@ -13,7 +13,6 @@ pytestmark = pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in
 
 
 def test_paper_claims_quick_smoke(tmp_path):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     import paper_claims
 
     sections = ["--sections", "text", "vision", "analysis"]  # (ablation runs the same code as text)
