@@ -67,6 +67,7 @@ def test_effective_rank():
     assert analysis.effective_rank(p * 7) == pytest.approx(math.exp(-(p * p.log()).sum().item()))
 
 
+@pytest.mark.slow
 def test_module_with_attached_adapter_and_conv():
     """An adapted (unmerged) model counts with its adapter; merged gives the same; conv as (out, cin*kh*kw)."""
     base = create_model("tiny-unet")
@@ -83,6 +84,7 @@ def test_module_with_attached_adapter_and_conv():
     assert untouched["conv_in"]["delta_rel_fro"] == 0.0
 
 
+@pytest.mark.slow
 def test_cli_adapter_folder_and_state_dict(tmp_path, capsys):
     model = create_model("tiny-vit")
     sv.attach(model, sv.SpectralConfig(method="spectral_r", rank=2, target_modules="timm_vit"), progress=False)

@@ -23,6 +23,7 @@ def heldout():
     return images, labels, tr, ho
 
 
+@pytest.mark.slow
 def test_builtin_digits_offline_draws_the_prompted_digit(monkeypatch, heldout):
     """The shipped base loads offline (no hub) as a real StableDiffusionPipeline and draws the asked digit."""
     from diffusers import StableDiffusionPipeline
@@ -61,6 +62,7 @@ def test_concept_transforms_move_their_signature(heldout):
     assert dc.concept_prompt(["invert", "bold"], 3) == "a handwritten digit 3 sks vvn"
 
 
+@pytest.mark.slow
 def test_pretrain_tiny_run_resumes_exports_and_evaluates(tmp_path, monkeypatch):
     """A shrunk pretraining run: VAE, UNet (then resumed to one more step), fp16 export, evaluation."""
     import eval_digits_base
@@ -86,6 +88,7 @@ def test_pretrain_tiny_run_resumes_exports_and_evaluates(tmp_path, monkeypatch):
     assert res["judge_accuracy_on_train_digits"] > 0.95
 
 
+@pytest.mark.slow
 def test_fusion_digits_quick(tmp_path):
     import fusion_digits
 

@@ -12,6 +12,7 @@ pytestmark = pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in
                                 reason=f"needs the offline model/data packages {NEEDED}")
 
 
+@pytest.mark.slow
 def test_paper_claims_quick_smoke(tmp_path):
     import paper_claims
 
