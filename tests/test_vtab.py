@@ -175,6 +175,7 @@ def _load_runs(out):
     return [json.load(open(p)) for p in sorted(glob.glob(os.path.join(out, "runs", "*.json")))]
 
 
+@pytest.mark.slow  # 20 / 8 training runs
 def test_train_sweep_report_cycle(fixture_root, tmp_path):
     out = str(tmp_path / "sweep")
     argv = ["--data_root", fixture_root, "--output_dir", out, "--tasks", "svhn", "dtd", "--methods",
@@ -296,6 +297,7 @@ def test_training_learns_and_hash(fixture_root, tmp_path):
     assert vtab_train.parse_args(argv[:2] + ["--task", "cifar100"] + argv[4:]).task == "cifar"
 
 
+@pytest.mark.slow  # 20 / 8 training runs
 def test_sweep_resumes_after_kill(fixture_root, tmp_path):
     out = str(tmp_path / "sweep")
     argv = ["--data_root", fixture_root, "--output_dir", out, "--tasks", "svhn", "dtd", "--methods", "spectral_a:rank=2",
