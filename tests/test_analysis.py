@@ -146,7 +146,8 @@ def test_cli_exit_status_like_a_unix_tool(tmp_path, capsys):
     root = str(Path(__file__).resolve().parents[1])
     console_script = "import sys; from spectral_vision.analysis import main; sys.exit(main())"
     proc = subprocess.run([sys.executable, "-c", console_script, "zoo:tiny-vit", str(tmp_path / "adapter"),
-                           "--out", str(tmp_path / "figs"), "--no-figures", "--k", "4"], capture_output=True,
+                           "--out", str(tmp_path / "figs"), "--no-figures", "--k", "4", "--targets", r"blocks\.0\..*"],
+                          capture_output=True,
                           text=True, timeout=300, env={**os.environ, "PYTHONPATH": root})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == (f"wrote {tmp_path / 'figs' / 'analysis.json'}, "
