@@ -43,7 +43,11 @@ def tiny_vit(**kw) -> nn.Module:
 
     cfg = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=10)
     cfg.update(kw)
-    return timm.create_model("vit_base_patch16_224", pretrained=False, **cfg)
+    size = cfg["img_size"] if isinstance(cfg["img_size"], (tuple, list)) else (cfg["img_size"],) * 2
+    # what the model takes (timm.data.resolve_data_config reads it); random weights: no hub id to point at
+    overlay = dict(input_size=(3, *size), num_classes=cfg["num_classes"], hf_hub_id=None, url="",
+                   tag="spectral-vision-zoo-random")
+    return timm.create_model("vit_base_patch16_224", pretrained=False, pretrained_cfg_overlay=overlay, **cfg)
 
 
 @register_model

@@ -1,7 +1,40 @@
+"""Shared fixtures and the test tiers (markers registered in pyproject.toml).
+
+Tiers: ``slow``, ``browser`` and ``ddp`` tests are deselected by the default ``addopts`` filter; ``-m ""``
+runs everything (``.ci/run``), ``-m slow`` only the slow ones. Naming test files or node ids on the command
+line without ``-m`` runs them whatever their tier. ``cuda`` tests are skipped when no CUDA device is visible.
+"""
 import os
+from pathlib import Path
 
 import pytest
 import torch
+
+
+def _names_tests(args) -> bool:
+    """True when the command line names test files / node ids (not just the ``tests`` folder)."""
+    for a in args:
+        if a.startswith("-"):
+            continue
+        p = Path(a.split("::")[0])
+        if "::" in a or (p.suffix == ".py" and p.exists()):
+            return True
+    return False
+
+
+def pytest_configure(config):
+    args = list(config.invocation_params.args)
+    if not any(a == "-m" or a.startswith("-m") for a in args) and _names_tests(args):
+        config.option.markexpr = ""  # `pytest tests/test_demo_browser.py` runs the file, whatever its tier
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)

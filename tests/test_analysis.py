@@ -67,6 +67,7 @@ def test_effective_rank():
     assert analysis.effective_rank(p * 7) == pytest.approx(math.exp(-(p * p.log()).sum().item()))
 
 
+@pytest.mark.slow
 def test_module_with_attached_adapter_and_conv():
     """An adapted (unmerged) model counts with its adapter; merged gives the same; conv as (out, cin*kh*kw)."""
     base = create_model("tiny-unet")
@@ -83,12 +84,14 @@ def test_module_with_attached_adapter_and_conv():
     assert untouched["conv_in"]["delta_rel_fro"] == 0.0
 
 
+@pytest.mark.slow
 def test_cli_adapter_folder_and_state_dict(tmp_path, capsys):
     model = create_model("tiny-vit")
     sv.attach(model, sv.SpectralConfig(method="spectral_r", rank=2, target_modules="timm_vit"), progress=False)
     perturb(model, std=0.3)
     sv.save_adapter(model, tmp_path / "adapter")
-    records = analysis.main(["zoo:tiny-vit", str(tmp_path / "adapter"), "--out", str(tmp_path / "figs"), "--k", "8"])
+    assert analysis.main(["zoo:tiny-vit", str(tmp_path / "adapter"), "--out", str(tmp_path / "figs"), "--k", "8"]) == 0
+    records = json.loads((tmp_path / "figs" / "analysis.json").read_text())
     by = {r["name"]: r for r in records}
     assert "blocks.0.attn.qkv" in by and "head" in by and "patch_embed.proj" in by
     assert by["head"]["delta_rel_fro"] == 0.0 and by["head"]["cos_u"] == pytest.approx([1.0] * 8, abs=1e-5)
@@ -99,8 +102,8 @@ def test_cli_adapter_folder_and_state_dict(tmp_path, capsys):
     assert min(qkv["cos_u"][:2] + qkv["cos_v"][:2]) < 0.999
     for f in ("analysis.json", "analysis.csv", "spectra.png", "cosine.png", "sigma_change.png", "alpha.png"):
         assert (tmp_path / "figs" / f).stat().st_size > 0
-    assert json.loads((tmp_path / "figs" / "analysis.json").read_text())[0]["name"] == records[0]["name"]
-    assert "layers compared" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "layers compared" in out and out.strip().splitlines()[-1].startswith(f"wrote {tmp_path / 'figs'}")
 
     # the same tuned weights as a plain safetensors state dict (merged), and a module vs state-dict pair
     sv.merge_and_unload(model)
@@ -126,3 +129,64 @@ def test_plot_spectrum_and_errors(tmp_path):
         analysis.compare_weights(torch.zeros(3, 4), torch.zeros(4, 3))
     with pytest.raises(FileNotFoundError):
         analysis.analyze("zoo:tiny-vit", tmp_path / "missing")
+
+
+def test_cli_exit_status_like_a_unix_tool(tmp_path, capsys):
+    """`spectral-analysis` (console script = sys.exit(main())): 0 and a 'wrote' line on success; 1 and one line
+    on stderr on failure (it used to exit 1 after succeeding, dumping every record to stderr)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    model = create_model("tiny-vit")
+    sv.attach(model, sv.SpectralConfig(method="spectral_a", rank=2, target_modules="timm_vit"), progress=False)
+    perturb(model, std=0.3)
+    sv.save_adapter(model, tmp_path / "adapter")
+    root = str(Path(__file__).resolve().parents[1])
+    console_script = "import sys; from spectral_vision.analysis import main; sys.exit(main())"
+    proc = subprocess.run([sys.executable, "-c", console_script, "zoo:tiny-vit", str(tmp_path / "adapter"),
+                           "--out", str(tmp_path / "figs"), "--no-figures", "--k", "4", "--targets", r"blocks\.0\..*"],
+                          capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": root})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == (f"wrote {tmp_path / 'figs' / 'analysis.json'}, "
+                                                    f"{tmp_path / 'figs' / 'analysis.csv'}")
+    assert "Traceback" not in proc.stderr and len(proc.stderr) < 4000  # a progress bar at most
+
+    for argv, msg in ((["zoo:tiny-vit", str(tmp_path / "nothing")], "nothing: no such file or folder"),
+                      (["zoo:tiny-vit", str(tmp_path / "adapter"), "--layers", "nope", "--targets",
+                        r"blocks\.0\.attn\.qkv", "--k", "2"], "layers ['nope'] are not")):
+        assert analysis.main([*argv, "--out", str(tmp_path / "f2")]) == 1
+        err = capsys.readouterr().err.splitlines()[-1]  # (after a progress bar, if any)
+        assert err.startswith("spectral-analysis: error: ") and msg in err, err
+
+
+@pytest.mark.slow  # builds builtin:digits and attaches to its UNet + text encoder
+def test_builtin_digits_against_a_concept_folder(tmp_path, capsys):
+    """A DreamBooth concept folder (unet/ + text_encoder/ adapters) analysed against builtin:digits."""
+    from spectral_vision.integrations.diffusers import load_pipeline
+
+    pipe = load_pipeline("builtin:digits")
+    concept = tmp_path / "concepts" / "bold"
+    for comp, preset in (("unet", "sd_unet"), ("text_encoder", "clip_text")):
+        m = getattr(pipe, comp)
+        sv.attach(m, sv.SpectralConfig(method="spectral_a", rank=2, target_modules=preset), progress=False)
+        perturb(m, std=0.2)
+        sv.save_adapter(m, concept / comp)
+    few = ["--targets", r".*(attn1\.to_q|self_attn\.q_proj|conv_in)", "--k", "4", "--no-figures"]  # keep it fast
+    assert analysis.main(["builtin:digits", str(concept), "--out", str(tmp_path / "figs"), *few]) == 0
+    recs = {r["name"]: r for r in json.loads((tmp_path / "figs" / "analysis.json").read_text())}
+    unet = [n for n in recs if n.startswith("unet.")]
+    te = [n for n in recs if n.startswith("text_encoder.")]
+    assert unet and te and len(unet) + len(te) == len(recs)
+    assert "unet.conv_in" in recs
+    moved = {n for n, r in recs.items() if r["delta_rel_fro"] > 1e-4}
+    assert "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q" in moved
+    assert any(n.startswith("text_encoder.") and n.endswith("self_attn.q_proj") for n in moved)
+    assert all(recs[n]["delta_rel_fro"] == 0.0 for n in recs if n.endswith("conv_in"))  # not adapted
+    # one bare adapter folder: found on the component it belongs to
+    assert analysis.main(["builtin:digits", str(concept / "text_encoder"), "--out", str(tmp_path / "f2"), *few]) == 0
+    assert all(r["name"].startswith("text_encoder.")
+               for r in json.loads((tmp_path / "f2" / "analysis.json").read_text()))
+    assert "wrote" in capsys.readouterr().out

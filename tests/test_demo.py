@@ -116,6 +116,7 @@ def test_stage_upload_layouts_and_zip_slip(env, tmp_path):
     assert len(list((tmp_path / "up").iterdir())) == 2  # refused uploads leave nothing behind
 
 
+@pytest.mark.slow
 def test_generate_fuses_on_a_copy(env):
     cfg, cache, root = env
     base = cache.get("builtin:tiny-sd")

@@ -9,8 +9,6 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "training"))
-sys.path.insert(0, str(REPO / "benchmarks"))
 
 import digit_concepts as dc  # noqa: E402
 from eval_digits_base import DigitJudge, load_digit_images, split_indices  # noqa: E402
@@ -25,6 +23,7 @@ def heldout():
     return images, labels, tr, ho
 
 
+@pytest.mark.slow
 def test_builtin_digits_offline_draws_the_prompted_digit(monkeypatch, heldout):
     """The shipped base loads offline (no hub) as a real StableDiffusionPipeline and draws the asked digit."""
     from diffusers import StableDiffusionPipeline
@@ -64,6 +63,7 @@ def test_concept_transforms_move_their_signature(heldout):
     assert dc.concept_prompt(["invert", "bold"], 3) == f"a handwritten digit 3 {tb} {ti}"
 
 
+@pytest.mark.slow
 def test_pretrain_tiny_run_resumes_exports_and_evaluates(tmp_path, monkeypatch):
     """A shrunk pretraining run: VAE, UNet (then resumed to one more step), fp16 export, evaluation."""
     import eval_digits_base

@@ -103,6 +103,7 @@ def test_bundled_instance_images(tmp_path):
 
 
 # ---- a short run --------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_short_run_outputs(run):
     out, summary = run
     assert summary["global_step"] == 10 and torch.isfinite(torch.tensor(summary["final_loss"]))
@@ -127,6 +128,7 @@ def test_short_run_outputs(run):
     assert registry["concepts"]["cat"]["columns"] == [0, 1, 2, 3]
 
 
+@pytest.mark.slow
 def test_exported_lora_loads_in_diffusers(run):
     import spectral_vision as sv
     from spectral_vision.integrations.diffusers import load_pipeline
@@ -235,6 +237,7 @@ def test_fp16_flag_is_validated():
         db.parse_args(["--mixed_precision", "fp8"])
 
 
+@pytest.mark.ddp
 def test_ddp_two_cpu_processes_end_with_the_same_adapter(tmp_path):
     out = tmp_path / "cat"
     env = dict(env_for_subprocess(), ACCELERATE_USE_CPU="1")  # accelerate: gloo DDP on CPU

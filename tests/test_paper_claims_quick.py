@@ -12,8 +12,8 @@ pytestmark = pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in
                                 reason=f"needs the offline model/data packages {NEEDED}")
 
 
+@pytest.mark.slow
 def test_paper_claims_quick_smoke(tmp_path):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     import paper_claims
 
     sections = ["--sections", "text", "vision", "analysis"]  # (ablation runs the same code as text)

@@ -17,7 +17,6 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "training"))
 
 import make_vtab_fixture  # noqa: E402
 import vtab_report  # noqa: E402
@@ -78,7 +77,9 @@ def test_validation_errors(fixture_root, tmp_path):
     strict = _copy_task(fixture_root, tmp_path / "a", marker=False)
     with pytest.raises(VTABDataError, match=r"task 'dtd': split 'train800' has 24 images, VTAB-1k requires 800"):
         validate_task(strict, "dtd")
-    validate_task(strict, "dtd", allow_small_splits=True)
+    with pytest.raises(VTABDataError, match=r"'dtd': the test split uses 18 of the 47 classes.*--custom"):
+        validate_task(strict, "dtd", allow_small_splits=True)  # reduced splits pass; other data under a VTAB name not
+    validate_task(strict, "dtd", splits=["train800", "val200"], allow_small_splits=True)
 
     wrong = _copy_task(fixture_root, tmp_path / "b")  # more lines than VTAB allows: never accepted
     _rewrite(os.path.join(wrong, "dtd", "val200.txt"), lambda ls: ls * 17)
@@ -174,6 +175,7 @@ def _load_runs(out):
     return [json.load(open(p)) for p in sorted(glob.glob(os.path.join(out, "runs", "*.json")))]
 
 
+@pytest.mark.slow  # 20 / 8 training runs
 def test_train_sweep_report_cycle(fixture_root, tmp_path):
     out = str(tmp_path / "sweep")
     argv = ["--data_root", fixture_root, "--output_dir", out, "--tasks", "svhn", "dtd", "--methods",
@@ -295,6 +297,7 @@ def test_training_learns_and_hash(fixture_root, tmp_path):
     assert vtab_train.parse_args(argv[:2] + ["--task", "cifar100"] + argv[4:]).task == "cifar"
 
 
+@pytest.mark.slow  # 20 / 8 training runs
 def test_sweep_resumes_after_kill(fixture_root, tmp_path):
     out = str(tmp_path / "sweep")
     argv = ["--data_root", fixture_root, "--output_dir", out, "--tasks", "svhn", "dtd", "--methods", "spectral_a:rank=2",
@@ -319,3 +322,122 @@ def test_sweep_resumes_after_kill(fixture_root, tmp_path):
     log = [json.loads(line) for line in open(os.path.join(out, "sweep_log.jsonl"))]
     assert all(e["time_s"] > 0 and e["peak_memory_mb"]["process_rss"] > 0 for e in log if e["status"] == "done")
     assert all(s == "skipped" for s in (r["status"] for r in vtab_sweep.main(vtab_sweep.parse_args(argv))))
+
+
+def test_zoo_tiny_vit_default_cfg_matches_input():
+    """timm's data config of zoo:tiny-vit is what the model takes (it was 224 for a 32 px model)."""
+    import timm
+
+    from spectral_vision.zoo import create_model
+
+    for kw, side in (({}, 32), ({"img_size": 48}, 48)):
+        m = create_model("tiny-vit", **kw)
+        cfg = timm.data.resolve_data_config({}, model=m)
+        assert m.default_cfg["input_size"] == cfg["input_size"] == (3, side, side)
+        assert m(torch.randn(1, *cfg["input_size"])).shape == (1, 10)
+        assert not m.pretrained_cfg.get("hf_hub_id")  # random weights: nothing on the hub to point at
+
+
+def _own_task(fixture_root, tmp_path, name, keep_classes=5):
+    """A user's own task in the NOAH layout: the fixture's dtd images, labels folded to ``keep_classes``."""
+    root = _copy_task(fixture_root, tmp_path, marker=False)
+    if name != "dtd":
+        os.rename(os.path.join(root, "dtd"), os.path.join(root, name))
+    for split in ("train800", "val200", "train800val200", "test"):
+        _rewrite(os.path.join(root, name, f"{split}.txt"),
+                 lambda ls: [f"{p} {int(y) % keep_classes}" for p, y in (line.rsplit(" ", 1) for line in ls)])
+    return root
+
+
+def test_custom_task_train_and_report(fixture_root, tmp_path):
+    from vtab_data import resolve_data_task
+
+    root = _own_task(fixture_root, tmp_path / "own", "my_leaves")
+    task = resolve_data_task(root, "my_leaves")
+    assert (task.name, task.group, task.num_classes, task.custom) == ("my_leaves", "custom", 5, True)
+    assert resolve_data_task(root, "my_leaves", num_classes=7).num_classes == 7
+    with pytest.raises(VTABDataError, match=r"--num_classes 3 but its splits use labels up to 4"):
+        resolve_data_task(root, "my_leaves", num_classes=3)
+    with pytest.raises(VTABDataError, match=r"'my_leafs': no folder .*my_leafs"):
+        resolve_data_task(root, "my_leafs")
+
+    out = str(tmp_path / "runs")
+    argv = ["--data_root", root, "--output_dir", out, "--tasks", "my_leaves", "--methods", "spectral_a:rank=2",
+            "--epochs", "1", *TINY]
+    res = vtab_sweep.main(vtab_sweep.parse_args(argv))
+    assert [r["status"] for r in res] == ["done"]  # custom tasks take any split size (24/12/36/24 here)
+    r = _load_runs(out)[0]
+    assert (r["task"], r["group"], r["custom"], r["num_classes"]) == ("my_leaves", "custom", True, 5)
+    assert r["params"]["head"] == 64 * 5 + 5  # a 5-way head, read from the labels
+
+    # a VTAB result next to it: the report keeps the custom task out of every VTAB-1k average and published row
+    vtab_train.main(vtab_train.parse_args(["--data_root", fixture_root, "--task", "svhn", "--output_dir", out,
+                                           "--method", "spectral_a", "--rank", "2", "--epochs", "1",
+                                           "--label", "spectral_a:rank=2", "--quiet", *TINY]))
+    rep = str(tmp_path / "report")
+    summaries = vtab_report.main(vtab_report.parse_args(["--results", out, "--out", rep, "--no_plots"]))
+    vt = [s for s in summaries if not s.get("custom") and s["protocol"] != "published"]
+    cu = [s for s in summaries if s.get("custom")]
+    assert len(vt) == 1 and set(vt[0]["tasks"]) == {"svhn"} and vt[0]["averages"]["mean_of_19"][1] == 1
+    assert len(cu) == 1 and set(cu[0]["tasks"]) == {"my_leaves"}
+    assert cu[0]["tasks"]["my_leaves"]["mean"] == r["reported"]["value"]
+    md = open(os.path.join(rep, "results.md")).read()
+    table, custom = md.split("## Custom tasks")
+    assert "my_leaves" not in table and "my_leaves (5 cl.)" in custom
+    assert [row.split(" | ")[0] for row in custom.splitlines() if row.startswith("| honest")] == ["| honest"]
+    assert "| published" not in custom
+    assert "my_leaves" in open(os.path.join(rep, "custom.csv")).read()
+    assert "my_leaves" not in open(os.path.join(rep, "results.csv")).read()
+
+
+def test_own_data_under_a_vtab_name_is_refused(fixture_root, tmp_path):
+    """A 5-class folder named 'dtd' is not VTAB-1k's 47-class dtd: refused (not silently given a 47-way head
+    and mixed with published dtd numbers) unless --custom makes it a custom task."""
+    from vtab_data import resolve_data_task
+
+    root = _own_task(fixture_root, tmp_path / "own", "dtd")
+    with pytest.raises(VTABDataError, match=r"'dtd': the test split uses 5 of the 47 classes.*--custom"):
+        validate_task(root, "dtd", allow_small_splits=True)
+    with pytest.raises(VTABDataError, match=r"VTAB-1k's dtd \(47 classes\), not 5; .*add --custom"):
+        resolve_data_task(root, "dtd", num_classes=5)
+    task = resolve_data_task(root, "dtd", custom=True)
+    assert (task.group, task.num_classes) == ("custom", 5)
+    validate_task(root, task)  # custom: any split sizes
+
+
+def test_cli_exit_status_and_one_line_errors(fixture_root, tmp_path, capsys):
+    missing = str(tmp_path / "no_such_root")
+    assert vtab_sweep.cli(["--data_root", missing, "--tasks", "svhn", *TINY]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "data root" in err and "does not exist" in err and "Traceback" not in err
+    assert vtab_train.cli(["--data_root", missing, "--task", "svhn", *TINY]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not exist" in err
+
+    # every task folder is checked before anything trains: one line per problem
+    assert vtab_sweep.cli(["--data_root", fixture_root, "--tasks", "svhn", "dtd", "eurosat", "cifar", *TINY]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and all("folder" in e and "does not exist" in e for e in err), err
+    assert not os.path.exists("outputs")  # nothing was written
+
+    # bad method / setting: refused up front, naming it
+    assert vtab_sweep.cli(["--data_root", fixture_root, "--tasks", "svhn", "--methods", "lorax:rank=2",
+                           "--output_dir", str(tmp_path / "o"), *TINY]) == 1
+    assert "method 'lorax:rank=2'" in capsys.readouterr().err
+    assert vtab_sweep.cli(["--data_root", fixture_root, "--tasks", "svhn", "--grid", "lr=0", "--output_dir",
+                           str(tmp_path / "o"), *TINY]) == 1
+    assert "--lr must be > 0" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "o" / "runs")
+
+    # the script itself: exit status 1, one line, no traceback
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "training", "vtab_sweep.py"), "--data_root", missing],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and len(proc.stderr.splitlines()) == 1, proc.stderr
+
+
+def test_cli_success_prints_what_it_wrote(fixture_root, tmp_path, capsys):
+    out = str(tmp_path / "o")
+    assert vtab_train.cli(["--data_root", fixture_root, "--task", "svhn", "--method", "linear", "--epochs", "1",
+                           "--output_dir", out, *TINY]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith(f"wrote {out}/runs/svhn__linear__") and f"next: python training/vtab_report.py --results {out}" in last

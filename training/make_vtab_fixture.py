@@ -12,16 +12,15 @@ a ``vtab_fixture.json`` marker at the root makes every result and report say so.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
 
 import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from vtab_tasks import resolve_tasks  # noqa: E402
+from vtab_tasks import resolve_tasks
+
+from spectral_vision.fileio import atomic_write_json
 
 SMALL_SIZES = {"train800": 24, "val200": 12, "test": 24}
 PHOTOS = ("astronaut", "camera", "coffee", "chelsea", "rocket", "brick", "grass", "gravel", "coins", "moon", "page",
@@ -92,9 +91,7 @@ def make_fixture(out: str, tasks=("all",), small: bool = False, size: int = 64, 
         written[task.name] = {"source": source, "classes_used": n_cls, "sizes": {k: len(v) for k, v in lines.items()}}
     info = {"fixture": True, "small": small, "image_size": size, "seed": seed, "tasks": written,
             "note": "NOT VTAB data: images from scikit-learn digits / scikit-image photos, for tests and dry runs"}
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "vtab_fixture.json"), "w") as f:
-        json.dump(info, f, indent=2)
+    atomic_write_json(os.path.join(out, "vtab_fixture.json"), info)
     return info
 
 
@@ -113,7 +110,8 @@ def parse_args(argv=None):
 
 def main(args) -> dict:
     info = make_fixture(args.out, args.tasks, args.small, args.size, args.test_size, args.seed)
-    print(f"wrote {len(info['tasks'])} fixture tasks to {args.out}")
+    print(f"wrote {len(info['tasks'])} fixture tasks to {args.out}; next: python training/vtab_sweep.py "
+          f"--data_root {args.out} --tasks {' '.join(info['tasks'])} --model zoo:tiny-vit --image_size 32 ...")
     return info
 
 

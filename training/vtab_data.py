@@ -14,6 +14,10 @@ half       (x - 0.5) / 0.5, i.e. [-1, 1] (what the original ViT weights were tra
 
 A fixture made by ``make_vtab_fixture.py --small`` has smaller splits and a ``vtab_fixture.json``
 marker at its root; reduced split sizes are accepted only with that marker or ``allow_small_splits``.
+
+Custom tasks: any other folder ``<root>/<name>`` in the same layout is a user's own task
+(:func:`resolve_data_task`): its class count is read from the labels (or given), its split sizes are free,
+and it is reported as ``custom``, apart from the 19 VTAB-1k tasks and the published numbers.
 """
 from __future__ import annotations
 
@@ -27,10 +31,10 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from vtab_tasks import SPLIT_SIZES, VTABTask, resolve_task
+from vtab_tasks import CUSTOM, SPLIT_SIZES, TASKS, VTABTask, canonical_name, resolve_task
 
 __all__ = ["NORMALIZATIONS", "FIXTURE_MARKER", "VTABDataError", "read_split", "validate_task", "fixture_info",
-           "data_fingerprint", "VTABDataset"]
+           "resolve_data_task", "check_data_root", "data_fingerprint", "VTABDataset"]
 
 NORMALIZATIONS = {
     "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
@@ -74,9 +78,50 @@ def read_split(root: str, task: VTABTask, split: str) -> list[tuple[str, int]]:
     return items
 
 
+def check_data_root(root: str) -> None:
+    """Raise :class:`VTABDataError` (one line) unless ``root`` is an existing folder."""
+    if not os.path.isdir(root):
+        what = "is a file, not a folder" if os.path.exists(root) else "does not exist"
+        raise VTABDataError(f"data root {root} {what}; expected one sub-folder per task "
+                            f"(<root>/<task>/{{{','.join(SPLITS)}}}.txt), e.g. from make_vtab_fixture.py --out {root}")
+
+
+def resolve_data_task(root: str, name: str, num_classes: Optional[int] = None, custom: bool = False) -> VTABTask:
+    """The task trained from ``<root>/<name>``: one of the 19 VTAB-1k tasks, or a custom task.
+
+    A name (or alias) of the 19 is that task unless ``custom``; any other name is a custom task whose
+    folder must exist, with ``num_classes`` = 1 + the largest label of its splits unless given.
+    """
+    key = canonical_name(name)
+    if key in TASKS and not custom:
+        task = TASKS[key]
+        if num_classes is not None and num_classes != task.num_classes:
+            raise VTABDataError(f"task {task.name!r} is VTAB-1k's {task.name} ({task.num_classes} classes), not "
+                                f"{num_classes}; for your own data in a folder of that name add --custom "
+                                f"(reported as a custom task)")
+        return task
+    folder = os.path.join(root, str(name))
+    if not os.path.isdir(folder):
+        import difflib
+
+        close = difflib.get_close_matches(key, list(TASKS), n=3)
+        raise VTABDataError(f"task {name!r}: no folder {folder} (not one of the 19 VTAB-1k tasks either"
+                            + (f"; did you mean {close}?)" if close else ")"))
+    probe = VTABTask(str(name), CUSTOM, 0)
+    labels = [y for split in SPLITS for _, y in read_split(root, probe, split)]
+    found = max(labels) + 1 if labels else 0
+    if min(labels, default=0) < 0:
+        raise VTABDataError(f"task {name!r}: negative labels in its split files (labels are 0-based)")
+    if num_classes is not None and num_classes < found:
+        raise VTABDataError(f"task {name!r}: --num_classes {num_classes} but its splits use labels up to {found - 1}")
+    return VTABTask(str(name), CUSTOM, num_classes or found)
+
+
 def validate_task(root: str, task, splits=SPLITS, allow_small_splits: bool = False) -> dict[str, list]:
     """Check split sizes (800/200/1000), label range and image files; returns ``{split: items}``.
 
+    Custom tasks (``task.group == "custom"``) may have any split sizes. A VTAB-1k task's full-size test split
+    must use every class (the release's do): a folder of other data under a VTAB name is refused.
     Raises :class:`VTABDataError` naming the task and the first problems found.
     """
     task = resolve_task(task) if isinstance(task, str) else task
@@ -86,7 +131,7 @@ def validate_task(root: str, task, splits=SPLITS, allow_small_splits: bool = Fal
     out = {}
     for split in splits:
         items = read_split(root, task, split)
-        want = SPLIT_SIZES.get(split)
+        want = None if task.custom else SPLIT_SIZES.get(split)
         if not items:
             raise VTABDataError(f"task {task.name!r}: split {split!r} is empty")
         if want is not None and len(items) != want and not (small and len(items) < want):
@@ -100,6 +145,11 @@ def validate_task(root: str, task, splits=SPLITS, allow_small_splits: bool = Fal
         if missing:
             raise VTABDataError(f"task {task.name!r}: split {split!r} lists {len(missing)} missing image files, "
                                 f"e.g. {missing[:3]} (relative to {os.path.join(root, task.name)})")
+        used = len({y for _, y in items})
+        if split == "test" and not task.custom and fixture_info(root) is None and used < task.num_classes:
+            raise VTABDataError(f"task {task.name!r}: the test split uses {used} of the {task.num_classes} classes "
+                                f"of VTAB-1k's {task.name}; if this is your own data, name its folder otherwise or "
+                                f"pass --custom (reported as a custom task, never mixed with VTAB-1k numbers)")
         out[split] = items
     return out
 

@@ -6,7 +6,8 @@ accuracy (settings chosen on val200); ``legacy`` -> the best test epoch of the b
 the 19 tasks by group, each group's mean, the mean of the three group means (what papers report),
 the mean of the 19 tasks, and trainable parameters without / with the classification head.
 Published results (per task, from the SpecLoRA paper's table) are added as reference rows (not measured here). Averages over fewer tasks than
-the full table are marked ``(n/N)``.
+the full table are marked ``(n/N)``. Custom tasks (a user's own folders, ``"custom": true`` in the result) get
+their own table: per task only, never in a VTAB-1k average and never next to published numbers.
 
     python training/vtab_report.py --results outputs/vtab --out outputs/vtab/report
 """
@@ -17,13 +18,13 @@ import csv
 import glob
 import json
 import os
-import sys
 from collections import defaultdict
+from typing import Sequence
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from vtab_tasks import GROUPS, PUBLISHED, TASKS  # noqa: E402
+from spectral_vision.fileio import atomic_write, atomic_write_text
+from vtab_tasks import CUSTOM, GROUPS, PUBLISHED, TASKS
 
 SCHEMA = "spectral-vision/vtab-result/1"
 AVERAGES = ("mean_of_group_means", "mean_of_19")
@@ -142,9 +143,48 @@ def _params(s: dict) -> list[str]:
     return [f"{s['params_without_head'] / 1e6:.4f}", f"{s['params_with_head'] / 1e6:.4f}"]
 
 
-def write_markdown(summaries: list[dict], path: str) -> str:
+def is_custom(r: dict) -> bool:
+    """A result of a custom task (a user's own folder), or of a task name that is not one of the 19."""
+    return bool(r.get("custom")) or r.get("group") == CUSTOM or r["task"] not in TASKS
+
+
+def summarize_custom(key, row) -> dict:
+    """Per-task mean/std over seeds of a custom-task row; no averages across tasks."""
+    runs = row["runs"]
+    return {"protocol": key[0], "label": key[1], "seeds": sorted({r["seed"] for r in runs}),
+            "tasks": {t: {"mean": float(np.mean(list(s.values()))), "n": len(s),
+                          "std": float(np.std(list(s.values()), ddof=1)) if len(s) > 1 else None}
+                      for t, s in row["acc"].items()},
+            "num_classes": {r["task"]: r.get("num_classes") for r in runs},
+            "params_without_head": float(np.mean([r["params"]["trainable_without_head"] for r in runs])),
+            "params_with_head": float(np.mean([r["params"]["trainable"] for r in runs])),
+            "fixture": any(r["data"]["fixture"] for r in runs)}
+
+
+def custom_markdown(custom: list[dict]) -> list[str]:
+    """The ``## Custom tasks`` section (empty list without custom results)."""
+    if not custom:
+        return []
+    tasks = sorted({t for s in custom for t in s["tasks"]})
+    classes = {t: c for s in custom for t, c in s["num_classes"].items()}
+    head = ["protocol", "method", *[f"{t} ({classes.get(t)} cl.)" for t in tasks], "params w/o head (M)", "seeds"]
+    lines = ["", "## Custom tasks", "", "Your own tasks in the VTAB-1k folder layout: NOT VTAB-1k, not comparable to "
+             "the published rows, never part of the averages above. Cells: test accuracy, mean ± std over seeds.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in custom:
+        cells = [_fmt(s["tasks"][t]["mean"], s["tasks"][t]["std"]) if t in s["tasks"] else "—" for t in tasks]
+        lines.append("| " + " | ".join([s["protocol"], s["label"], *cells, f"{s['params_without_head'] / 1e6:.4f}",
+                                        ",".join(map(str, s["seeds"]))]) + " |")
+    return lines
+
+
+def write_markdown(summaries: list[dict], path: str, custom: Sequence[dict] = ()) -> str:
     cols = columns()
     lines = ["# VTAB-1k results", ""]
+    if not summaries:
+        text = "\n".join(lines + ["No VTAB-1k task in these results."] + custom_markdown(list(custom))) + "\n"
+        atomic_write_text(path, text)
+        return text
     if any(s["fixture"] for s in summaries):
         lines += ["> **FIXTURE DATA** — some runs used the offline fixture (scikit-learn / scikit-image images), "
                   "not VTAB-1k. Those numbers only show that the pipeline runs.", ""]
@@ -171,13 +211,31 @@ def write_markdown(summaries: list[dict], path: str) -> str:
         gpu = "— (CPU)" if s["peak_gpu_mb"] is None else f"{s['peak_gpu_mb'] / 1024:.2f}"
         n = sum(v["n"] for v in s["tasks"].values())
         lines.append(f"| {s['protocol']} | {s['label']} | {n} | {s['time_s'] / 60:.2f} | {gpu} |")
-    text = "\n".join(lines) + "\n"
-    with open(path, "w") as f:
-        f.write(text)
+    text = "\n".join(lines + custom_markdown(list(custom))) + "\n"
+    atomic_write_text(path, text)
     return text
 
 
+def write_custom_csv(custom: list[dict], path: str) -> None:
+    """One row per (protocol, method, custom task)."""
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["protocol", "label", "task", "num_classes", "mean", "std", "n", "params_without_head", "seeds"])
+            for s in custom:
+                for t, v in sorted(s["tasks"].items()):
+                    w.writerow([s["protocol"], s["label"], t, s["num_classes"].get(t), v["mean"],
+                                "" if v["std"] is None else v["std"], v["n"], int(s["params_without_head"]),
+                                " ".join(map(str, s["seeds"]))])
+
+    atomic_write(path, write)
+
+
 def write_csv(summaries: list[dict], path: str) -> None:
+    atomic_write(path, lambda tmp: _write_csv(summaries, tmp))
+
+
+def _write_csv(summaries: list[dict], path: str) -> None:
     keys = [k for k, _ in columns()]
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
@@ -256,18 +314,33 @@ def parse_args(argv=None):
 
 
 def main(args) -> list[dict]:
+    """Write the report; returns the VTAB-1k summaries then the custom-task summaries (``"custom": True``)."""
+    missing = [p for p in args.results if not os.path.exists(p)]
+    if missing:
+        raise SystemExit(f"vtab_report.py: error: {', '.join(missing)}: no such file or folder")
     results = load_results(args.results)
     if not results:
-        raise SystemExit(f"no VTAB result JSONs found in {args.results}")
-    summaries = [summarize(k, row) for k, row in sorted(collect(results).items())]
-    summaries += [] if args.no_published else published_summaries()
+        raise SystemExit(f"vtab_report.py: error: no VTAB result JSONs found in {' '.join(args.results)} "
+                         f"(vtab_train.py / vtab_sweep.py write them under <output_dir>/runs)")
+    vtab = [r for r in results if not is_custom(r)]
+    custom = [dict(summarize_custom(k, row), custom=True)
+              for k, row in sorted(collect([r for r in results if is_custom(r)]).items())]
+    summaries = [summarize(k, row) for k, row in sorted(collect(vtab).items())]
+    summaries += [] if args.no_published or not summaries else published_summaries()
     os.makedirs(args.out, exist_ok=True)
-    text = write_markdown(summaries, os.path.join(args.out, "results.md"))
-    write_csv(summaries, os.path.join(args.out, "results.csv"))
-    if not args.no_plots:
-        plot(summaries, args.out)
+    written = [os.path.join(args.out, "results.md")]
+    text = write_markdown(summaries, written[0], custom)
+    if summaries:
+        written.append(os.path.join(args.out, "results.csv"))
+        write_csv(summaries, written[-1])
+        if not args.no_plots:
+            written += plot(summaries, args.out)
+    if custom:
+        written.append(os.path.join(args.out, "custom.csv"))
+        write_custom_csv(custom, written[-1])
     print(text)
-    return summaries
+    print(f"wrote {', '.join(written)}")
+    return summaries + custom
 
 
 if __name__ == "__main__":

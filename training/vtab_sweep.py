@@ -14,12 +14,20 @@ train800val200 and the report takes the best test epoch of the best point, as mo
 Methods: ``name[:key=value,...]`` with ``vtab_train.py`` option names, e.g. ``spectral_a:rank=8``,
 ``lora:rank=8,alpha=8``, ``linear`` (head only) or ``full``.
 
+Before anything trains, the data root, every task folder (split files, labels, image files) and every
+method / setting are checked; a problem stops the sweep with one line per problem and exit status 1.
+Tasks not among the 19 (folders of your own in the same layout) are custom tasks (see ``vtab_train.py``).
+A run that fails later is logged with its traceback in ``sweep_log.jsonl`` and printed as one line; the sweep
+goes on and exits with status 1 at the end.
+
     python training/vtab_sweep.py --data_root data/vtab-1k --output_dir outputs/vtab --tasks all \\
         --methods spectral_a:rank=8 lora:rank=8 --seeds 0 1 2 --mixed_precision bf16
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import itertools
 import json
 import os
@@ -28,11 +36,10 @@ import sys
 import time
 import traceback
 
+import vtab_train
 from tqdm.auto import tqdm
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import vtab_train  # noqa: E402
-from vtab_tasks import resolve_tasks  # noqa: E402
+from vtab_data import VTABDataError, check_data_root, resolve_data_task, validate_task
+from vtab_tasks import GROUPS, TASKS
 
 TRAIN_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vtab_train.py")
 
@@ -56,6 +63,11 @@ def parse_args(argv=None):
     g.add_argument("--dry_run", action="store_true", help="print the plan and which runs are done")
     args, train_args = p.parse_known_args(argv)
     args.train_args = train_args
+    try:
+        i, n = (int(x) for x in args.shard.split("/"))
+        assert 0 <= i < n
+    except (ValueError, AssertionError):
+        p.error(f"--shard must be i/n with 0 <= i < n, got {args.shard!r}")
     return args
 
 
@@ -107,11 +119,14 @@ class Sweep:
         except Exception as e:
             if self.args.stop_on_error:
                 raise
-            traceback.print_exc()
             res, status = None, f"failed: {type(e).__name__}: {e}"
+            tqdm.write(f"FAILED {targs.task} {targs.label} s{targs.seed} {targs.protocol}-{targs.stage}: "
+                       f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (traceback in {self.log_path})")
         entry = {"status": status, "path": path, "task": targs.task, "label": targs.label, "seed": targs.seed,
                  "protocol": targs.protocol, "stage": targs.stage, "wall_s": round(time.time() - t0, 2),
                  "time_s": res and res["time_s"], "peak_memory_mb": res and res["peak_memory_mb"]}
+        if res is None:
+            entry["traceback"] = traceback.format_exc()
         os.makedirs(self.args.output_dir, exist_ok=True)
         with open(self.log_path, "a") as f:  # one short line per run (append is atomic enough for a log)
             f.write(json.dumps(entry) + "\n")
@@ -138,10 +153,48 @@ class Sweep:
                                                 ["--selection_json", json.dumps(sel)]))]
 
 
+def plan_tasks(args) -> list[str]:
+    """Task folder names: ``all`` / group names expand to VTAB-1k tasks; other names are tasks or custom folders."""
+    names: dict[str, None] = {}
+    custom = "--custom" in args.train_args
+    for n in args.tasks:
+        expanded = list(TASKS) if n == "all" else GROUPS.get(n, [n])
+        for t in expanded:
+            names[resolve_data_task(args.data_root, t, custom=custom and t == n).name] = None
+    return list(names)
+
+
+def check_inputs(args, tasks, methods, points) -> None:
+    """Data root, every task folder and every (method, setting) checked before training: raises
+    :class:`VTABDataError` listing every problem, one per line."""
+    small = "--allow_small_splits" in args.train_args
+    custom = "--custom" in args.train_args
+    problems = []
+    for t in tasks:
+        try:
+            validate_task(args.data_root, resolve_data_task(args.data_root, t, custom=custom), allow_small_splits=small)
+        except VTABDataError as e:
+            problems.append(str(e))
+    sweep = Sweep(args)
+    for (spec, method), point in itertools.product(methods, points):
+        argv = sweep.train_argv(tasks[0], (spec, method), args.seeds[0], args.protocols[0], "final", point)
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            try:
+                vtab_train.parse_args(argv)
+            except SystemExit:
+                msg = err.getvalue().strip().splitlines()[-1].split("error: ", 1)[-1]
+                problems.append(f"method {spec!r}" + (f", setting {point}" if point else "") + f": {msg}")
+    if problems:
+        raise VTABDataError("\n".join(problems))
+
+
 def main(args) -> list[dict]:
-    tasks = [t.name for t in resolve_tasks(args.tasks)]
+    check_data_root(args.data_root)
+    tasks = plan_tasks(args)
     methods = [(spec, parse_method(spec)[1]) for spec in args.methods]
     points = grid_points(args.grid)
+    check_inputs(args, tasks, methods, points)
     units = list(itertools.product(tasks, methods, args.seeds, args.protocols))
     i, n = (int(x) for x in args.shard.split("/"))
     units = units[i::n]
@@ -158,10 +211,25 @@ def main(args) -> list[dict]:
         bar.set_postfix_str(f"{task} {m[0]} s{seed} {proto}")
         out += sweep.unit(task, m, seed, proto, points)
     counts = {s: sum(r["status"] == s for r in out) for s in ("done", "skipped")}
-    print(f"sweep finished: {counts['done']} trained, {counts['skipped']} already done, "
-          f"{len(out) - sum(counts.values())} failed; log: {sweep.log_path}")
+    failed = len(out) - sum(counts.values())
+    print(f"sweep finished: {counts['done']} trained, {counts['skipped']} already done, {failed} failed; "
+          f"log: {sweep.log_path}")
+    print(f"wrote {os.path.join(args.output_dir, 'runs')}; next: python training/vtab_report.py --results "
+          f"{args.output_dir} --out {os.path.join(args.output_dir, 'report')}")
     return out
 
 
+def cli(argv=None) -> int:
+    """Command-line entry: 0 when every run finished (or was already done), 1 on bad input or a failed run."""
+    args = parse_args(argv)
+    try:
+        out = main(args)
+    except VTABDataError as e:
+        for line in str(e).splitlines():
+            print(f"vtab_sweep.py: error: {line}", file=sys.stderr)
+        return 1
+    return int(any(r["status"] not in ("done", "skipped") for r in out))
+
+
 if __name__ == "__main__":
-    main(parse_args())
+    sys.exit(cli())

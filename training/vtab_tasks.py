@@ -8,14 +8,20 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-__all__ = ["VTABTask", "TASKS", "GROUPS", "ALIASES", "SPLIT_SIZES", "PUBLISHED", "resolve_task", "resolve_tasks"]
+__all__ = ["VTABTask", "CUSTOM", "TASKS", "GROUPS", "ALIASES", "SPLIT_SIZES", "PUBLISHED", "canonical_name", "resolve_task", "resolve_tasks"]
 
 
 class VTABTask(NamedTuple):
-    name: str  # folder name in the release
-    group: str  # "natural" | "specialized" | "structured"
+    name: str  # folder name in the release (or the folder of a custom task)
+    group: str  # "natural" | "specialized" | "structured" | "custom" (a user's own task in the same layout)
     num_classes: int
 
+    @property
+    def custom(self) -> bool:
+        """A user's own task: reported apart, never averaged with (or compared to) the 19 VTAB-1k tasks."""
+        return self.group == CUSTOM
+
+CUSTOM = "custom"
 
 _TABLE = [
     # natural
@@ -65,10 +71,15 @@ PUBLISHED: dict[str, dict] = {
 }
 
 
+def canonical_name(name: str) -> str:
+    """``name`` lower-cased with ``-`` -> ``_`` and aliases resolved (may not be one of the 19)."""
+    key = str(name).strip().lower().replace("-", "_")
+    return ALIASES.get(key, key)
+
+
 def resolve_task(name: str) -> VTABTask:
     """The task for a release folder name or an alias (case-insensitive, ``-`` = ``_``)."""
-    key = str(name).strip().lower().replace("-", "_")
-    key = ALIASES.get(key, key)
+    key = canonical_name(name)
     if key not in TASKS:
         import difflib
 

@@ -8,6 +8,10 @@ Protocols (labelled in every output):
 * ``legacy``: trains on train800val200, evaluates test every ``--eval_every`` epochs and reports
   the **best test epoch**, as most VTAB-1k papers did (selection on the test set).
 
+Custom tasks: ``--task NAME`` for any folder ``<data_root>/NAME`` in the same layout that is not one of the 19
+(or any folder with ``--custom``) trains a custom task: classes read from its labels (or ``--num_classes``),
+any split sizes, reported as ``custom`` and never averaged with VTAB-1k tasks or published numbers.
+
     accelerate launch training/vtab_train.py --data_root data/vtab-1k --task cifar --method spectral_a --rank 8
     python training/vtab_train.py --data_root /tmp/fx --task dtd --model zoo:tiny-vit --image_size 32 --epochs 1
 """
@@ -25,10 +29,12 @@ import time
 import torch
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from vtab_data import NORMALIZATIONS, VTABDataset, data_fingerprint, fixture_info  # noqa: E402
-from vtab_tasks import resolve_task  # noqa: E402
-from common import atomic_write_json  # noqa: E402
+from tqdm.auto import tqdm
+from vtab_data import (NORMALIZATIONS, VTABDataError, VTABDataset, check_data_root, data_fingerprint, fixture_info,
+                       resolve_data_task)
+from vtab_tasks import TASKS, canonical_name
+
+from spectral_vision.fileio import atomic_write_json
 
 SCHEMA = "spectral-vision/vtab-result/1"
 HEAD_ONLY, FULL = "linear", "full"  # no adapter: train the head only / train everything
@@ -36,11 +42,22 @@ HEAD_ONLY, FULL = "linear", "full"  # no adapter: train the head only / train ev
 NOT_HASHED = ("data_root", "output_dir", "num_workers", "selection_json", "label", "quiet")
 
 
+def known_methods() -> list[str]:
+    """Spectral methods of this package, PEFT baselines, ``linear`` (head only) and ``full``."""
+    from spectral_vision.baselines import BASELINES
+    from spectral_vision.methods import available_methods
+
+    return [*available_methods(), *BASELINES, HEAD_ONLY, FULL]
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--data_root", required=True, help="folder with one sub-folder per task (VTAB-1k release layout)")
-    g.add_argument("--task", required=True, help="task folder name or alias (cifar100, pets, flowers102, ...)")
+    g.add_argument("--task", required=True, help="task folder name or alias (cifar100, pets, flowers102, ...), or the "
+                   "folder of a custom task in the same layout")
+    g.add_argument("--num_classes", type=int, default=None, help="custom task: class count (default: 1 + largest label)")
+    g.add_argument("--custom", action="store_true", help="treat --task as a custom task even if it has a VTAB-1k name")
     g.add_argument("--image_size", type=int, default=224, help="direct bicubic resize to this side (224)")
     g.add_argument("--normalization", choices=list(NORMALIZATIONS), default="imagenet")
     g.add_argument("--allow_small_splits", action="store_true", help="accept splits smaller than 800/200/1000")
@@ -74,16 +91,36 @@ def parse_args(argv=None):
     g.add_argument("--selection_json", default=None, help="(sweep) how the settings were selected; stored as is")
     g.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
-    args.task = resolve_task(args.task).name
+    known = known_methods()
+    if args.method not in known:
+        p.error(f"--method {args.method!r} is not one of {known}")
+    if canonical_name(args.task) in TASKS and not args.custom:
+        args.task = canonical_name(args.task)  # aliases -> the release folder name
+    for k in ("epochs", "batch_size", "rank"):
+        if getattr(args, k) < 1:
+            p.error(f"--{k} must be >= 1, got {getattr(args, k)}")
+    if args.warmup_epochs < 0 or args.warmup_epochs > args.epochs:
+        p.error(f"--warmup_epochs must be in [0, --epochs={args.epochs}], got {args.warmup_epochs}")
+    if not args.lr > 0:
+        p.error(f"--lr must be > 0, got {args.lr}")
+    try:
+        json.loads(args.method_options)
+    except json.JSONDecodeError as e:
+        p.error(f"--method_options is not JSON: {e}")
     if args.protocol == "legacy":
         args.stage = "final"
     return args
 
 
+def data_task(args):
+    """The :class:`VTABTask` trained: one of the 19, or a custom task read from its folder."""
+    return resolve_data_task(args.data_root, args.task, args.num_classes, args.custom)
+
+
 def run_config(args) -> dict:
     """Everything that determines the result, incl. the data's fingerprint (not its location)."""
     cfg = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_HASHED}
-    cfg["data_fingerprint"] = data_fingerprint(args.data_root, args.task)
+    cfg["data_fingerprint"] = data_fingerprint(args.data_root, data_task(args))
     cfg["method_options"] = json.loads(args.method_options)
     return cfg
 
@@ -171,6 +208,8 @@ def train_phase(args, task, train_split: str, eval_split: str, every_epoch: bool
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     curve, losses = [], []
+    bar = tqdm(total=steps, desc=f"{task.name} {train_split}", unit="step",
+               disable=args.quiet or not accelerator.is_main_process)
     for epoch in range(1, args.epochs + 1):
         model.train()
         total = 0.0
@@ -181,12 +220,15 @@ def train_phase(args, task, train_split: str, eval_split: str, every_epoch: bool
             sched.step()
             opt.zero_grad(set_to_none=True)
             total += loss.item()
+            bar.update(1)
         losses.append(total / len(train_dl))
+        bar.set_postfix(epoch=epoch, loss=f"{losses[-1]:.4f}")
         if epoch == args.epochs or (every_epoch and epoch % args.eval_every == 0):
             curve.append([epoch, evaluate(model, eval_dl, accelerator)])
             if not args.quiet:
-                accelerator.print(f"[{task.name} {train_split}->{eval_split}] epoch {epoch}/{args.epochs} "
-                                  f"loss {losses[-1]:.4f} acc {curve[-1][1]:.2f}")
+                bar.write(f"[{task.name} {train_split}->{eval_split}] epoch {epoch}/{args.epochs} "
+                          f"loss {losses[-1]:.4f} acc {curve[-1][1]:.2f}")
+    bar.close()
     best = max(curve, key=lambda e: e[1])
     phase = {"train_split": train_split, "eval_split": eval_split, "train_size": len(train_ds),
              "eval_size": len(eval_ds), "last_acc": curve[-1][1], "best_acc": best[1], "best_epoch": best[0],
@@ -202,7 +244,8 @@ def main(args) -> dict:
     import spectral_vision
     import timm
 
-    task = resolve_task(args.task)
+    check_data_root(args.data_root)
+    task = data_task(args)
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -220,7 +263,8 @@ def main(args) -> dict:
     fx = fixture_info(args.data_root)
     result = {
         "schema": SCHEMA, "config_hash": config_hash(args), "config": run_config(args),
-        "task": task.name, "group": task.group, "num_classes": task.num_classes, "method": args.method,
+        "task": task.name, "group": task.group, "custom": task.custom, "num_classes": task.num_classes,
+        "method": args.method,
         "label": args.label or (args.method if args.method in (HEAD_ONLY, FULL) else f"{args.method} r{args.rank}"),
         "rank": args.rank, "seed": args.seed, "protocol": args.protocol, "stage": args.stage,
         "normalization": args.normalization, "image_size": args.image_size, "reported": reported, "phases": phases,
@@ -237,10 +281,23 @@ def main(args) -> dict:
     if accelerator.is_main_process:
         atomic_write_json(result_path(args), result)
         if not args.quiet:
-            print(f"{task.name} {args.method} [{args.protocol}] {reported['metric']} = {reported['value']:.2f} "
-                  f"-> {result_path(args)}")
+            kind = " (custom task)" if task.custom else ""
+            print(f"{task.name}{kind} {args.method} [{args.protocol}] {reported['metric']} = {reported['value']:.2f}")
+            print(f"wrote {result_path(args)}; next: python training/vtab_report.py --results {args.output_dir} "
+                  f"--out {os.path.join(args.output_dir, 'report')}")
     return result
 
 
+def cli(argv=None) -> int:
+    """Command-line entry: 0 on success; bad data or settings print one line and return 1."""
+    args = parse_args(argv)
+    try:
+        main(args)
+    except (VTABDataError, ValueError, FileNotFoundError) as e:
+        print(f"vtab_train.py: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 if __name__ == "__main__":
-    main(parse_args())
+    sys.exit(cli())
