@@ -80,7 +80,7 @@ def save_adapter(model: nn.Module, path: Union[str, Path], adapter_name: str = "
         for key, t in delta.state_dict().items():
             tensors[f"{name}.{key}"] = t.detach().contiguous().cpu()
         layers[name] = {"kind": layer.kind, "shape": list(layer.weight_shape),
-                        "base_shape": list(layer.base_layer.weight.shape), "sigma": delta.sigma_fingerprint}
+                        "base_shape": list(layer.weight.shape), "sigma": delta.sigma_fingerprint}
     if cfg is None:
         raise KeyError(f"no adapter {adapter_name!r} on this model; present: {adapter_names(model)}")
     path.mkdir(parents=True, exist_ok=True)
@@ -131,6 +131,7 @@ def load_adapter(model: nn.Module, path: Union[str, Path], adapter_name: Optiona
     adapter_name = adapter_name or meta.get("adapter_name", "default")
     cfg = SpectralConfig.from_dict(meta["config"])
     modules = dict(model.named_modules())
+    from .geometry import base_weight
     from .layers import SpectralLayer, layer_kind
 
     columns = {}
@@ -139,8 +140,8 @@ def load_adapter(model: nn.Module, path: Union[str, Path], adapter_name: Optiona
         if m is None:
             raise AdapterFileError(f"layer {name!r} of the adapter does not exist in this model (another base?)")
         m = m if not isinstance(m, SpectralLayer) else m.base_layer
-        shape = list(m.weight.shape)
-        if layer_kind(m) is None or shape != info["base_shape"]:
+        shape = list(base_weight(m).shape) if layer_kind(m) is not None else None
+        if shape is None or shape != info["base_shape"]:
             raise AdapterFileError(f"layer {name!r}: adapter was made for weight {info['base_shape']}, "
                                    f"this model has {shape} (another base?)")
         if f"{name}.columns" not in tensors:

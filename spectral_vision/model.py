@@ -102,8 +102,8 @@ def attach(
         for name in tqdm(names, desc=f"attach {cfg.method}", disable=not progress or len(names) < 8):
             module = model.get_submodule(name)
             wrapped = isinstance(module, SpectralLayer)
-            layer = module if wrapped else SpectralLayer(module)
             try:
+                layer = module if wrapped else SpectralLayer(module)  # TypeError for an unsupported subclass
                 layer.add_adapter(adapter_name, cfg, None if columns is None else columns[name])
             except Exception as e:
                 raise type(e)(f"layer {name!r}: {e}") from e
