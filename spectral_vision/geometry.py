@@ -43,7 +43,7 @@ from torch import nn
 __all__ = [
     "LayerGeometry", "LinearGeometry", "Conv1DGeometry", "Conv2dGeometry", "Conv2dSameGeometry",
     "StdConv2dGeometry", "MultiheadAttentionGeometry", "register_geometry", "find_geometry", "geometry_for",
-    "layer_kind", "base_weight", "weight_2d", "singular_values", "registered_geometries",
+    "layer_kind", "base_weight", "weight_2d", "singular_values", "registered_geometries", "flatten_2d",
 ]
 
 _REGISTRY: dict[Union[type, str], type["LayerGeometry"]] = {}
@@ -107,6 +107,13 @@ def layer_kind(module: nn.Module) -> Optional[str]:
         if g is not None:
             return g.kind
     return None
+
+
+def flatten_2d(weight: torch.Tensor) -> torch.Tensor:
+    """``(out, ...) -> (out, prod(...))`` float32, detached: the layout of a stored weight whose module is
+    unknown (state dicts) and of Linear / Conv2d (``(out, cin/g, kh, kw) -> (out, cin/g*kh*kw)``)."""
+    w = weight.detach()
+    return w.reshape(w.shape[0], -1).float()
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
@@ -177,8 +184,7 @@ class LayerGeometry:
 
     def to_2d(self, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``W (out, in)`` float32 (detached; a copy for low-precision bases) of ``weight`` (default: own)."""
-        w = (self.weight if weight is None else weight).detach()
-        return w.reshape(w.shape[0], -1).float()
+        return flatten_2d(self.weight if weight is None else weight)
 
     def from_2d(self, mat: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`to_2d`: ``(out, in)`` -> the stored layout (dtype of ``mat`` kept)."""
