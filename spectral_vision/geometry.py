@@ -166,6 +166,9 @@ class LayerGeometry:
     def __init__(self, module: nn.Module):
         self.module = module
 
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(kind={self.kind}, W={tuple(self.shape)}, additive={self.additive})"
+
     @classmethod
     def unsupported(cls, module: nn.Module) -> Optional[str]:
         """Why ``module`` cannot be adapted although its type is registered (``None``: it can)."""

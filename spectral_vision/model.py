@@ -6,6 +6,7 @@ modules.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Iterator, NamedTuple, Optional, Union
 
 from torch import nn
@@ -96,7 +97,10 @@ def attach(
         names = [n for n in names if not n.endswith(".base_layer") and n not in mha_owned]
         if skipped and not names:
             raise ValueError(f"{skipped[:3]} belong to nn.MultiheadAttention, whose forward uses the weight "
-                             "directly; adapt other layers (e.g. the MLP) instead")
+                             "directly; target the attention module itself (its in-projection) or the MLP instead")
+        if skipped:
+            warnings.warn(f"skipped {len(skipped)} out_proj layers inside nn.MultiheadAttention (its forward reads "
+                          f"the weight directly): {skipped}", stacklevel=2)
     added: list[tuple[str, SpectralLayer, bool]] = []
     try:
         for name in tqdm(names, desc=f"attach {cfg.method}", disable=not progress or len(names) < 8):

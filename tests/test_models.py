@@ -326,3 +326,6 @@ def test_open_clip_attention_in_projection(tmp_path):
     torch.testing.assert_close(feats(fresh), f1, atol=1e-5, rtol=1e-5)
     sv.detach(model)
     assert all(torch.equal(v, state0[k]) for k, v in model.state_dict().items())
+    # out_proj inside nn.MultiheadAttention cannot be wrapped: matched ones are skipped with one warning
+    with pytest.warns(UserWarning, match=r"skipped \d+ out_proj layers .*resblocks\.0\.attn\.out_proj"):
+        sv.attach(create_model("tiny-open-clip"), sv.SpectralConfig(rank=2, target_modules=["c_fc", "out_proj"]))
