@@ -162,6 +162,9 @@ class LayerGeometry:
     additive: ClassVar[bool] = True
     #: the adapted parameter's attribute name
     weight_name: ClassVar[str] = "weight"
+    #: a standard LoRA file (PEFT / kohya: ``base(x) + up(down(x))``, ``down`` with the base's conv
+    #: settings and groups 1) reproduces ΔW exactly on this kind
+    plain_lora: ClassVar[bool] = True
 
     def __init__(self, module: nn.Module):
         self.module = module
@@ -253,6 +256,11 @@ class Conv2dGeometry(LayerGeometry):
 
     kind = "conv2d"
 
+    @property
+    def plain_lora(self) -> bool:
+        m = self.module
+        return type(self) is Conv2dGeometry and m.groups == 1 and m.padding_mode == "zeros"
+
     def _conv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """The base's convolution (padding, padding_mode, stride, dilation, groups) without bias."""
         return self.module._conv_forward(x, weight, None)
@@ -302,6 +310,7 @@ class MultiheadAttentionGeometry(LayerGeometry):
 
     kind = "mha"
     additive = False
+    plain_lora = False
     weight_name = "in_proj_weight"
 
     @classmethod

@@ -203,3 +203,32 @@ def test_singular_values_and_weight_2d(kind):
     torch.testing.assert_close(sv.singular_values(layer, adapters=False), torch.linalg.svdvals(W0))
     sv.merge(model)  # merged adapters are in the base weight: counted once
     torch.testing.assert_close(geometry.weight_2d(layer), W, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["std_conv", "conv2d_same", "grouped", "reflect", "mha"])
+def test_lora_export_refuses_kinds_a_standard_lora_cannot_express(kind, tmp_path):
+    model, *_ = _model(kind, "spectral_a")
+    assert not model.layer.geometry.plain_lora
+    with pytest.raises(ValueError, match=r"layers \['layer \(\w+\)'\] cannot be written as a standard LoRA"):
+        sv.export_lora(model, tmp_path / "lora.safetensors", prefix="")
+    assert not (tmp_path / "lora.safetensors").exists()
+
+
+def test_importance_scores_on_weight_forward_kinds():
+    """Fisher scores on kinds whose forward is not linear in W: ``∂L/∂σ_i = u_iᵀ (∂L/∂W) v_i`` of the raw W."""
+    from spectral_vision.importance import score_importance
+
+    for kind in ("std_conv", "mha"):
+        torch.manual_seed(0)
+        model, x, _, _ = _model(kind, "spectral_a")
+        sv.detach(model)
+        loss_fn = lambda m, b: m(b).pow(2).mean()  # noqa: E731
+        scores = score_importance(model, [x[:1]], loss_fn, num_samples=1, k=4, target_modules=["layer"],
+                                  progress=False)["layer"]
+        g = geometry.geometry_for(model.layer)
+        g.weight.requires_grad_(True)
+        loss_fn(model, x[:1]).backward()
+        G = g.to_2d(g.weight.grad)
+        U, S, Vh = torch.linalg.svd(g.to_2d())
+        want = S[:4] ** 2 * torch.einsum("oi,ok,ki->k", G, U[:, :4], Vh[:4]) ** 2
+        torch.testing.assert_close(scores, want, atol=1e-8, rtol=1e-3)
