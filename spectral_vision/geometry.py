@@ -71,22 +71,29 @@ def registered_geometries() -> dict[str, str]:
     return {(t if isinstance(t, str) else _qualname(t)): g.__name__ for t, g in _REGISTRY.items()}
 
 
+def _lookup(module: nn.Module):
+    """``(MRO index, registered class, geometry)`` of the most specific registered type, or ``None``."""
+    for i, c in enumerate(type(module).__mro__):
+        g = _REGISTRY.get(c) or _REGISTRY.get(_qualname(c))
+        if g is not None:
+            return i, c, g
+    return None
+
+
 def find_geometry(module: nn.Module) -> tuple[Optional[type["LayerGeometry"]], Optional[str]]:
     """``(geometry class, None)`` for an adaptable module, ``(None, reason)`` for a module of a
     registered family that cannot be adapted, ``(None, None)`` for anything else."""
-    mro = type(module).__mro__
-    for i, c in enumerate(mro):
-        g = _REGISTRY.get(c) or _REGISTRY.get(_qualname(c))
-        if g is None:
-            continue
-        over = [f"{s.__name__}.{m}" for s in mro[:i] for m in _OVERRIDES if m in vars(s)]
-        if over:
-            return None, (f"{_qualname(type(module))} subclasses {c.__name__} but overrides {', '.join(over)} and "
-                          f"has no registered layer geometry; register one with "
-                          f"spectral_vision.geometry.register_geometry (see docs/layers.md)")
-        reason = g.unsupported(module)
-        return (None, reason) if reason else (g, None)
-    return None, None
+    found = _lookup(module)
+    if found is None:
+        return None, None
+    i, c, g = found
+    over = [f"{s.__name__}.{m}" for s in type(module).__mro__[:i] for m in _OVERRIDES if m in vars(s)]
+    if over:
+        return None, (f"{_qualname(type(module))} subclasses {c.__name__} but overrides {', '.join(over)} and "
+                      f"has no registered layer geometry; register one with "
+                      f"spectral_vision.geometry.register_geometry (see docs/layers.md)")
+    reason = g.unsupported(module)
+    return (None, reason) if reason else (g, None)
 
 
 def geometry_for(module: nn.Module) -> "LayerGeometry":
@@ -102,11 +109,8 @@ def layer_kind(module: nn.Module) -> Optional[str]:
     """The layout family (``"linear"``, ``"conv1d"``, ``"conv2d"``, ``"mha"``) of the most specific
     registered type of ``module``, or ``None``. Not ``None`` does not mean adaptable: an overriding
     subclass or an unsupported configuration is refused by :func:`geometry_for` with the reason."""
-    for c in type(module).__mro__:
-        g = _REGISTRY.get(c) or _REGISTRY.get(_qualname(c))
-        if g is not None:
-            return g.kind
-    return None
+    found = _lookup(module)
+    return None if found is None else found[2].kind
 
 
 def flatten_2d(weight: torch.Tensor) -> torch.Tensor:

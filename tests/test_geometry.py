@@ -16,6 +16,8 @@ from conftest import perturb
 
 timm_layers = pytest.importorskip("timm.layers")
 METHODS = sv.available_methods()
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device")])]
 
 
 class Attn(nn.Module):
@@ -51,7 +53,7 @@ LAYERS = {  # name: (module factory, input shape)
 }
 
 
-def _model(kind, method):
+def _model(kind, method, device="cpu"):
     torch.manual_seed(0)
     make, shape = LAYERS[kind]
     if kind == "mha":
@@ -59,7 +61,8 @@ def _model(kind, method):
     else:
         model = nn.Sequential()
         model.add_module("layer", make())
-    x = torch.randn(*shape)
+    model.to(device)
+    x = torch.randn(*shape).to(device)
     with torch.no_grad():
         y0 = model(x)
     base = {k: v.clone() for k, v in model.state_dict().items()}
@@ -77,10 +80,11 @@ def _reference(layer: sv.SpectralLayer, x, dw):
     return out
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", list(LAYERS))
 @pytest.mark.parametrize("method", METHODS)
-def test_layer_kind_exact(method, kind):
-    model, x, y0, base = _model(kind, method)
+def test_layer_kind_exact(method, kind, device):
+    model, x, y0, base = _model(kind, method, device)
     layer = model.layer
     base_module = layer.base_layer
     with torch.no_grad():
