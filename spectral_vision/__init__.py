@@ -2,7 +2,8 @@
 
 Where things live:
     svd.py        decomposition (exact / randomized, fp32, sign-canonical, disk cache)
-    layers.py     SpectralLayer: the one wrapper (forward, merge/unmerge) for Linear/Conv2d/Conv1D
+    geometry.py   layer geometries: per base-layer kind the 2-D layout and how ΔW enters the forward
+    layers.py     SpectralLayer: the one wrapper (forward, merge/unmerge) for every registered kind
     methods/      one file per method on SpectralDelta (registry in methods/base.py)
     presets.py    target-module presets per model family (the backbone table)
     model.py      attach / detach / set_adapter / merge / trainable_parameters
@@ -17,6 +18,7 @@ from .config import SpectralConfig
 from .svd import Basis, decompose, canonicalize_signs
 from .methods import SpectralDelta, register_method, get_method, available_methods
 from .layers import SpectralLayer
+from .geometry import register_geometry, singular_values
 from .presets import PRESETS
 from .model import (
     attach, detach, set_adapter, enable_adapters, disable_adapters, merge, unmerge, merge_and_unload,
@@ -28,7 +30,7 @@ from .spectral_model import SpectralModel, get_spectral_model
 
 __all__ = [
     "SpectralConfig", "Basis", "decompose", "canonicalize_signs", "SpectralDelta", "register_method",
-    "get_method", "available_methods", "SpectralLayer", "PRESETS", "attach", "detach", "set_adapter",
+    "get_method", "available_methods", "SpectralLayer", "register_geometry", "singular_values", "PRESETS", "attach", "detach", "set_adapter",
     "enable_adapters", "disable_adapters", "merge", "unmerge", "merge_and_unload", "spectral_layers",
     "adapter_names", "adapter_config", "trainable_parameters", "ParamCount", "save_adapter",
     "load_adapter", "read_adapter", "AdapterFileError", "export_lora", "analysis", "SpectralModel",

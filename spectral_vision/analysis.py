@@ -1,7 +1,7 @@
 """Spectral analysis of a fine-tuned model against its base (paper 001, sec. 3; α of paper 000, sec. 1).
 
-For every weight matrix ``W (out, in)`` (Linear, Conv1D, and Conv2d as ``(out, cin·kh·kw)``, the
-convention of :mod:`spectral_vision.layers`) present in both models, with ``W = U Σ Vᵀ`` (base) and
+For every weight matrix ``W (out, in)`` (Linear, Conv1D, Conv2d as ``(out, cin/g·kh·kw)``, attention
+in-projections: the layouts of :mod:`spectral_vision.geometry`) present in both models, with ``W = U Σ Vᵀ`` (base) and
 ``W' = U' Σ' V'ᵀ`` (tuned) from :func:`spectral_vision.decompose` (exact, sign-canonical):
 
 * ``sigma_base`` / ``sigma_tuned``: the singular values (all of them, or the top ``max_sv``);
@@ -42,7 +42,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .io import CONFIG_NAME, _atomic_write
-from .layers import SpectralLayer, layer_kind
+from .geometry import find_geometry, flatten_2d, layer_kind, weight_2d
+from .layers import SpectralLayer
 from .presets import PRESETS, _compile
 from .svd import decompose
 
@@ -111,14 +112,6 @@ def compare_weights(W0: torch.Tensor, W1: torch.Tensor, name: str = "", k: int =
 
 
 # ---- weights from models, state dicts and folders -----------------------------------------------------------
-def _matrix(t: torch.Tensor, kind: str) -> torch.Tensor:
-    """2-D ``(out, in)`` fp32 view of a stored weight (the :mod:`spectral_vision.layers` convention)."""
-    t = t.detach().float()
-    if kind == "conv1d":
-        return t.T  # (in, out) -> (out, in)
-    return t.reshape(t.shape[0], -1)  # conv: (out, cin, kh, kw) -> (out, cin*kh*kw)
-
-
 @torch.no_grad()
 def collect_weights(src: Union[nn.Module, dict], targets=None, transpose_conv1d: bool = True) -> dict[str, torch.Tensor]:
     """``{layer name: W (out, in) fp32}``; names are module names (state dicts: keys without ``.weight``).
@@ -133,22 +126,20 @@ def collect_weights(src: Union[nn.Module, dict], targets=None, transpose_conv1d:
     out: dict[str, torch.Tensor] = {}
     if isinstance(src, nn.Module):
         for name, m in src.named_modules():
-            if isinstance(m, SpectralLayer):
-                if keep(name):
-                    W = m.weight_2d()  # (out, in)
-                    unmerged = [a for a in m.active_adapters if a not in m.merged_adapters]
-                    W = W if m.disabled or not unmerged else W + m.delta_weight(unmerged).to(W)
-                    out[name] = W.T if m.kind == "conv1d" and not transpose_conv1d else W
-            elif layer_kind(m) is not None and not name.endswith(".base_layer") and keep(name):
-                kind = layer_kind(m)
-                out[name] = _matrix(m.weight, "linear" if kind == "conv1d" and not transpose_conv1d else kind)
+            name = name.replace(".base_layer.", ".")  # modules inside a wrapped layer keep their plain name
+            if name.endswith(".base_layer") or not keep(name):
+                continue
+            if isinstance(m, SpectralLayer) or find_geometry(m)[0] is not None:
+                W = weight_2d(m)  # (out, in); a SpectralLayer: base + active, unmerged adapters
+                kind = m.kind if isinstance(m, SpectralLayer) else layer_kind(m)
+                out[name] = W.T if kind == "conv1d" and not transpose_conv1d else W  # Conv1D as stored: (in, out)
         return out
     for key, t in src.items():
         name = key[: -len(".weight")] if key.endswith(".weight") else key
         if t.dim() in (2, 4) and t.is_floating_point() and key.endswith("weight") and keep(name):
             if targets is None and EMBEDDING_RE.fullmatch(key):
                 continue
-            out[name] = _matrix(t, "linear")
+            out[name] = flatten_2d(t)  # (out, ...) -> (out, in)
     return out
 
 

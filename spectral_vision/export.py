@@ -169,6 +169,9 @@ def export_lora(
         found = [(n, l) for n, l in spectral_layers(module) if adapter_name in l.adapters]
         if not found:
             continue
+        odd = [f"{n} ({type(l.base_layer).__name__})" for n, l in found if not l.geometry.plain_lora]
+        if odd:  # grouped / "same"-padded / weight-standardised convs, attention in-projections
+            raise ValueError(f"layers {odd[:5]} cannot be written as a standard LoRA (see docs/layers.md)")
         source_cfg = source_cfg or adapter_config(module, adapter_name).to_dict()
         facs = {n: (l, *lora_factors(l, adapter_name, max_rank)) for n, l in found}
         top = max(info["rank"] for _, _, _, info in facs.values())

@@ -1,7 +1,7 @@
 """Fisher spectral importance scoring (LoRSA, paper 000 sec. 3.3): which singular triplets to adapt.
 
-For each target layer with top-``k`` SVD ``W = Σ σ_i u_i v_iᵀ`` (our ``(out, in)`` convention, see
-:mod:`spectral_vision.layers`)::
+For each target layer with top-``k`` SVD ``W = Σ σ_i u_i v_iᵀ`` (the ``(out, in)`` layout of
+:mod:`spectral_vision.geometry`)::
 
     ∂L/∂σ_i = u_iᵀ (∂L/∂W) v_i          I_i = σ_i² · E_x[(∂L/∂σ_i)²]
 
@@ -24,7 +24,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .layers import SpectralLayer, layer_kind
+from .geometry import geometry_for, layer_kind
+from .layers import SpectralLayer
 from .presets import match_targets
 from .svd import decompose
 
@@ -49,14 +50,6 @@ def _batch_size(batch: Any) -> int:
         return batch.shape[0]
     items = batch.values() if isinstance(batch, dict) else batch
     return _batch_size(next(iter(items)))
-
-
-def _grad_2d(module: nn.Module) -> torch.Tensor:
-    """``∂L/∂W`` in the ``(out, in)`` convention of :meth:`SpectralLayer.weight_2d`, fp32."""
-    g = module.weight.grad.float()
-    if layer_kind(module) == "conv1d":
-        g = g.T  # (in, out) -> (out, in)
-    return g.reshape(g.shape[0], -1)  # conv: (out, cin, kh, kw) -> (out, cin*kh*kw)
 
 
 def score_importance(
@@ -92,20 +85,20 @@ def score_importance(
     names = match_targets(model, target_modules, exclude_modules,
                           lambda m: isinstance(m, SpectralLayer) or layer_kind(m) is not None)
     names = [n for n in names if not n.endswith(".base_layer")]
-    layers = {}
+    layers = {}  # name -> geometry of the base layer (the 2-D layout of its weight and of the weight's gradient)
     for n in names:
         m = model.get_submodule(n)
-        layers[n] = m.base_layer if isinstance(m, SpectralLayer) else m
+        layers[n] = geometry_for(m.base_layer if isinstance(m, SpectralLayer) else m)
     bases, sq = {}, {}
-    for n, m in layers.items():
-        W = SpectralLayer(m).weight_2d()  # (out, in) fp32; the wrapper is only used for the reshape convention
+    for n, g in layers.items():
+        W = g.to_2d()  # (out, in) fp32
         bases[n] = decompose(W, min(k, *W.shape), svd)
         sq[n] = torch.zeros(bases[n].k, device=W.device)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
-    for m in layers.values():
-        m.weight.requires_grad_(True)
+    for g in layers.values():
+        g.weight.requires_grad_(True)
     seen = steps = 0
     try:
         with tqdm(total=num_samples, desc="importance", disable=not progress) as bar:
@@ -114,12 +107,13 @@ def score_importance(
                     if seen >= num_samples:
                         break
                     mb = _split(mb, num_samples - seen)[0]  # do not overshoot num_samples
-                    for m in layers.values():
-                        m.weight.grad = None
+                    for g in layers.values():
+                        g.weight.grad = None
                     loss_fn(model, mb).backward()
-                    for n, m in layers.items():
+                    for n, g in layers.items():
                         b = bases[n]
-                        g_sigma = ((_grad_2d(m) @ b.V) * b.U).sum(0)  # (k,) u_iᵀ G v_i
+                        G = g.to_2d(g.weight.grad)  # ∂L/∂W (out, in) fp32
+                        g_sigma = ((G @ b.V) * b.U).sum(0)  # (k,) u_iᵀ G v_i
                         sq[n] += g_sigma.square()
                     steps += 1
                     seen += _batch_size(mb)
@@ -127,8 +121,8 @@ def score_importance(
                 if seen >= num_samples:
                     break
     finally:
-        for m in layers.values():
-            m.weight.grad = None
+        for g in layers.values():
+            g.weight.grad = None
         for n, p in model.named_parameters():
             p.requires_grad_(flags.get(n, False))
     if steps == 0:

@@ -27,7 +27,8 @@ from torch import nn
 from . import __version__
 from .config import SpectralConfig
 from .fileio import atomic_write, atomic_write_json, file_sha256
-from .layers import RESHAPE_CONVENTION, SpectralLayer, layer_kind
+from .geometry import geometry_for, layer_kind
+from .layers import RESHAPE_CONVENTION, SpectralLayer
 from .model import adapter_names, attach, check_adapter_name, detach, spectral_layers
 from .adapter_file import CONFIG_NAME, SIG_PREFIX, WEIGHTS_NAME, AdapterFileError, read_adapter, split_key
 from .signature import SIG_DIM, basis_signature, direct_match, match_basis
@@ -69,7 +70,7 @@ def _save_one(model: nn.Module, path: Path, adapter_name: str, extra_metadata: O
         if getattr(delta, "U", None) is not None and delta.columns.numel():
             tensors[SIG_PREFIX + name] = basis_signature(delta.U, delta.S, delta.V)  # (c, 1 + 2m)
         layers[name] = {"kind": layer.kind, "shape": list(layer.weight_shape),
-                        "base_shape": list(layer.base_layer.weight.shape), "sigma": delta.sigma_fingerprint}
+                        "base_shape": list(layer.weight.shape), "sigma": delta.sigma_fingerprint}
     path.mkdir(parents=True, exist_ok=True)
     fp = base_fingerprint(layers)
     atomic_write(path / WEIGHTS_NAME, lambda f: save_file(
@@ -131,13 +132,14 @@ def _check_layer(model_modules: dict, name: str, info: dict, tensors: dict) -> l
         raise AdapterFileError(f"layer {name!r} of the adapter does not exist in this model (another base?)")
     m = m.base_layer if isinstance(m, SpectralLayer) else m
     kind = layer_kind(m)
-    shape = list(m.weight.shape) if isinstance(getattr(m, "weight", None), torch.Tensor) else []
+    geo = geometry_for(m) if kind is not None else None
+    shape = list(geo.weight.shape) if geo is not None else []
     if kind is None or shape != info["base_shape"]:
         raise AdapterFileError(f"layer {name!r}: adapter was made for a {info['kind']} weight {info['base_shape']}, "
                                f"this model has {type(m).__name__} {shape} (another base?)")
     if kind != info["kind"]:
         raise AdapterFileError(f"layer {name!r}: field 'kind' is {info['kind']!r}, the layer is {kind!r}")
-    w2d = [shape[1], shape[0]] if kind == "conv1d" else [shape[0], math.prod(shape[1:])]  # the (out, in) convention
+    w2d = list(geo.shape)  # W (out, in) of the layer's geometry
     if info["shape"] != w2d:
         raise AdapterFileError(f"layer {name!r}: field 'shape' is {info['shape']}, the layer's W (out, in) is {w2d}")
     return tensors[f"{name}.columns"].tolist()

@@ -1,30 +1,26 @@
 """`SpectralLayer`: the one wrapper around a frozen base layer, holding named adapters.
 
-Supported base layers and the **reshape convention** to the 2-D matrix ``W (out, in)`` that is
-decomposed and adapted:
+The base layer's kind (``nn.Linear``, transformers ``Conv1D``, ``nn.Conv2d`` incl. grouped /
+depthwise, timm ``Conv2dSame`` / ``StdConv2d``, ``nn.MultiheadAttention``, ...) is handled by its
+registered :mod:`spectral_vision.geometry`: the 2-D matrix ``W (out, in)`` that is decomposed and
+adapted, the way back to the stored layout, and how ``ΔW`` enters the forward.
 
-==========================  ======================  =======================================
-base layer                  stored weight           ``W`` (out, in)
-==========================  ======================  =======================================
-``nn.Linear``               ``(out, in)``           the weight itself
-``transformers`` ``Conv1D`` ``(in, out)``           ``weight.T``
-``nn.Conv2d`` (groups=1)    ``(out, cin, kh, kw)``  ``weight.reshape(out, cin*kh*kw)`` ("out,in*kh*kw")
-==========================  ======================  =======================================
-
-Forward is the delta form ``y = base(x) + Σ_active Δ(x)`` where ``Δ`` is applied through the
-method's factors ``ΔW = B A``: two thin matmuls (for convolutions, a ``kh×kw`` conv to ``R``
-channels then a 1×1 conv), never a rebuilt weight. Merged adapters are folded into the base
-weight (the original is kept so that unmerging is bit-exact).
+Forward of *additive* kinds is the delta form ``y = base(x) + Σ_active Δ(x)`` where ``Δ`` is applied
+through the method's factors ``ΔW = B A`` (two thin matmuls; for convolutions a ``kh×kw`` conv to
+``R`` channels through the base's padding path, then a 1×1 conv), never a rebuilt weight. Other kinds
+(weight standardisation, attention that reads its weight directly) run the base's own forward with
+``W + ΔW``, which is what a merge writes. Merged adapters are folded into the base weight (the
+original is kept so that unmerging is bit-exact).
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import SpectralConfig
+from .geometry import geometry_for, layer_kind
 from .methods.base import SpectralDelta, get_method
 from .svd import decompose, sigma_fingerprint
 
@@ -32,79 +28,61 @@ __all__ = ["SpectralLayer", "layer_kind", "SUPPORTED_TYPES"]
 
 RESHAPE_CONVENTION = "out,in*kh*kw"
 
-
-def _conv1d_type():
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except Exception:  # transformers not installed
-        return None
-    return Conv1D
-
-
-def layer_kind(module: nn.Module) -> Optional[str]:
-    """``"linear"``, ``"conv2d"``, ``"conv1d"`` (transformers' GPT-2 Conv1D) or ``None``."""
-    if isinstance(module, nn.Linear):
-        return "linear"
-    if isinstance(module, nn.Conv2d):
-        return "conv2d"
-    c1 = _conv1d_type()
-    if c1 is not None and isinstance(module, c1):
-        return "conv1d"
-    return None
-
-
-SUPPORTED_TYPES = "nn.Linear, nn.Conv2d (groups=1, zero padding) and transformers Conv1D"
+SUPPORTED_TYPES = ("nn.Linear, transformers Conv1D, nn.Conv2d (any groups / padding), timm Conv2dSame / "
+                   "StdConv2d / ScaledStdConv2d, nn.MultiheadAttention (in_proj); more via register_geometry")
 
 
 class SpectralLayer(nn.Module):
-    """Wraps ``base_layer``; adapters live in ``self.adapters`` (a ``ModuleDict`` keyed by name)."""
+    """Wraps ``base_layer``; adapters live in ``self.adapters`` (a ``ModuleDict`` keyed by name).
+
+    Attributes the wrapper does not have are read from the base layer (``layer.in_features``,
+    ``attn.batch_first``), so model code that inspects its layers keeps working.
+    """
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()
-        kind = layer_kind(base_layer)
-        if kind is None:
-            raise TypeError(f"cannot adapt {type(base_layer).__name__}: supported are {SUPPORTED_TYPES}")
-        if kind == "conv2d" and (base_layer.groups != 1 or base_layer.padding_mode != "zeros"):
-            raise TypeError("Conv2d with groups != 1 or non-zero padding_mode is not supported")
+        geometry = geometry_for(base_layer)  # TypeError saying why for an unsupported layer
         self.base_layer = base_layer
-        self.kind = kind
+        self.geometry = geometry
+        self.kind = geometry.kind
         self.adapters = nn.ModuleDict()
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
         self._original_weight: Optional[torch.Tensor] = None
 
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self.__dict__.get("_modules", {}).get("base_layer")
+            if base is None or name.startswith("__"):
+                raise
+            return getattr(base, name)
+
     # base attributes that model code reads directly (e.g. ``layer.weight.dtype``)
     @property
     def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
+        """The adapted base parameter as stored (``in_proj_weight`` for attention)."""
+        return self.geometry.weight
 
     @property
     def bias(self):
-        return self.base_layer.bias
+        return getattr(self.base_layer, "bias", None)
 
-    # ---- the reshape convention ----------------------------------------------------------------
+    # ---- the reshape convention (delegated to the geometry) -------------------------------------
     @property
     def weight_shape(self) -> tuple[int, int]:
         """``(out, in)`` of the 2-D matrix ``W``."""
-        w = self.base_layer.weight
-        if self.kind == "conv1d":
-            return w.shape[1], w.shape[0]
-        return w.shape[0], w[0].numel()
+        return self.geometry.shape
 
     def weight_2d(self) -> torch.Tensor:
-        """``W (out, in)`` as float32 (a copy for low-precision bases)."""
-        w = self.base_layer.weight.detach()
-        if self.kind == "conv1d":
-            w = w.T  # (in, out) -> (out, in)
-        return w.reshape(w.shape[0], -1).float()  # conv: (out, cin, kh, kw) -> (out, cin*kh*kw)
+        """``W (out, in)`` as float32 (a copy for low-precision bases) of the stored base weight."""
+        return self.geometry.to_2d()
 
     def to_base_layout(self, delta: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`weight_2d` for a ``(out, in)`` matrix."""
-        w = self.base_layer.weight
-        if self.kind == "conv1d":
-            return delta.T  # (out, in) -> (in, out)
-        return delta.reshape(w.shape)  # (out, cin*kh*kw) -> (out, cin, kh, kw)
+        return self.geometry.from_2d(delta)
 
     # ---- adapters --------------------------------------------------------------------------------
     def add_adapter(self, name: str, cfg: SpectralConfig, columns: Optional[list[int]] = None) -> SpectralDelta:
@@ -141,7 +119,7 @@ class SpectralLayer(nn.Module):
         """Sum of ``ΔW (out, in)`` in fp32 of ``names`` (default: the active adapters)."""
         names = self.active_adapters if names is None else names
         out_f, in_f = self.weight_shape
-        total = torch.zeros(out_f, in_f, device=self.base_layer.weight.device)
+        total = torch.zeros(out_f, in_f, device=self.weight.device)
         for n in names:
             total = total + self.adapters[n].delta_weight()
         return total
@@ -158,7 +136,7 @@ class SpectralLayer(nn.Module):
     def set_merged_weight(self, W: torch.Tensor, names: list[str]) -> None:
         """Write a merged ``W (out, in)`` into the base weight and mark ``names`` as merged (used by
         :meth:`merge` and by fusion). The original weight is kept, so :meth:`unmerge` is bit-exact."""
-        w = self.base_layer.weight
+        w = self.weight
         if self._original_weight is None:
             self._original_weight = w.detach().clone()
         w.copy_(self.to_base_layout(W).to(w.dtype))
@@ -168,29 +146,27 @@ class SpectralLayer(nn.Module):
     def unmerge(self) -> None:
         """Restore the base weight exactly as it was before the first merge."""
         if self._original_weight is not None:
-            self.base_layer.weight.copy_(self._original_weight)
+            self.weight.copy_(self._original_weight)
         self._original_weight = None
         self.merged_adapters = []
 
     # ---- forward -----------------------------------------------------------------------------------
-    def _apply_delta(self, x: torch.Tensor, delta: SpectralDelta) -> torch.Tensor:
-        if self.kind != "conv2d":
-            return delta.forward_linear(x)
-        B, A = delta.factors()  # (out, R), (R, in) fp32
-        conv, R = self.base_layer, A.shape[0]
-        h = F.conv2d(x, A.to(x.dtype).reshape(R, *conv.weight.shape[1:]), None,  # (R, in) -> (R, cin, kh, kw)
-                     conv.stride, conv.padding, conv.dilation)
-        return F.conv2d(h, B.to(x.dtype)[:, :, None, None])  # (out, R) -> (out, R, 1, 1)
-
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args, **kwargs):
         if self.disabled:
             if self.merged_adapters:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        pending = [n for n in self.active_adapters if n not in self.merged_adapters]
+        if not pending:
+            return self.base_layer(x, *args, **kwargs)
+        g = self.geometry
+        if not g.additive:  # the base's own forward on W + ΔW: bit-identical to the merged weight
+            w = self.weight
+            return g.forward_with_weight((w.float() + g.from_2d(self.delta_weight(pending))).to(w.dtype),
+                                         x, *args, **kwargs)
         y = self.base_layer(x, *args, **kwargs)
-        for name in self.active_adapters:
-            if name not in self.merged_adapters:
-                y = y + self._apply_delta(x, self.adapters[name])
+        for name in pending:
+            y = y + g.adapter_forward(x, self.adapters[name])
         return y
 
     def extra_repr(self) -> str:

@@ -6,6 +6,7 @@ modules.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Iterator, NamedTuple, Optional, Union
 
 from torch import nn
@@ -110,14 +111,17 @@ def attach(
         names = [n for n in names if not n.endswith(".base_layer") and n not in mha_owned]
         if skipped and not names:
             raise ValueError(f"{skipped[:3]} belong to nn.MultiheadAttention, whose forward uses the weight "
-                             "directly; adapt other layers (e.g. the MLP) instead")
+                             "directly; target the attention module itself (its in-projection) or the MLP instead")
+        if skipped:
+            warnings.warn(f"skipped {len(skipped)} out_proj layers inside nn.MultiheadAttention (its forward reads "
+                          f"the weight directly): {skipped}", stacklevel=2)
     added: list[tuple[str, SpectralLayer, bool]] = []
     try:
         for name in tqdm(names, desc=f"attach {cfg.method}", disable=not progress or len(names) < 8):
             module = model.get_submodule(name)
             wrapped = isinstance(module, SpectralLayer)
-            layer = module if wrapped else SpectralLayer(module)
             try:
+                layer = module if wrapped else SpectralLayer(module)  # TypeError for an unsupported subclass
                 layer.add_adapter(adapter_name, cfg, None if columns is None else columns[name])
             except Exception as e:
                 raise type(e)(f"layer {name!r}: {e}") from e

@@ -1,4 +1,8 @@
-"""The same exact checks for every registered method, on every supported layer kind."""
+"""The same exact checks for every registered method, on every supported layer kind.
+
+Every test runs on the CPU and, when ``torch.cuda.is_available()``, again on CUDA (marker ``cuda``:
+``pytest -m cuda tests/test_method_invariants.py`` on a GPU machine).
+"""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,6 +12,13 @@ import spectral_vision as sv
 from conftest import perturb
 
 METHODS = sv.available_methods()
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device")])]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param
 
 
 def _conv1d(i, o):
@@ -20,23 +31,25 @@ LAYERS = {
     "linear": lambda: nn.Linear(24, 40),
     "conv2d_3x3": lambda: nn.Conv2d(6, 20, 3, padding=1, stride=2),
     "conv2d_1x1": lambda: nn.Conv2d(12, 16, 1),
+    "conv2d_depthwise": lambda: nn.Conv2d(12, 12, 3, padding=1, groups=12),
     "conv1d": lambda: _conv1d(24, 40),
 }
 
 
-def _inputs(kind):
+def _inputs(kind, device="cpu"):
     if kind.startswith("conv2d"):
-        return torch.randn(2, 6 if kind == "conv2d_3x3" else 12, 9, 9)
-    return torch.randn(2, 5, 24)
+        return torch.randn(2, 6 if kind == "conv2d_3x3" else 12, 9, 9).to(device)
+    return torch.randn(2, 5, 24).to(device)
 
 
-def _model(kind, method, **cfg_kw):
+def _model(kind, method, device="cpu", **cfg_kw):
     torch.manual_seed(0)
     model = nn.Sequential()
     model.add_module("layer", LAYERS[kind]())
+    model.to(device)
     cfg = sv.SpectralConfig(method=method, rank=3, target_modules=["layer"], **cfg_kw)
     base = [t.clone() for t in model.state_dict().values()]
-    x = _inputs(kind)
+    x = _inputs(kind, device)
     with torch.no_grad():
         y0 = model(x)
     sv.attach(model, cfg)
@@ -48,7 +61,7 @@ def _reference_forward(layer: sv.SpectralLayer, x, delta2d):
     base = layer.base_layer
     w = base.weight.float() + layer.to_base_layout(delta2d)
     if layer.kind == "conv2d":
-        return F.conv2d(x, w, base.bias, base.stride, base.padding, base.dilation)
+        return F.conv2d(x, w, base.bias, base.stride, base.padding, base.dilation, base.groups)
     if layer.kind == "conv1d":
         return x @ w + base.bias
     return F.linear(x, w, base.bias)
@@ -56,8 +69,8 @@ def _reference_forward(layer: sv.SpectralLayer, x, delta2d):
 
 @pytest.mark.parametrize("kind", list(LAYERS))
 @pytest.mark.parametrize("method", METHODS)
-def test_init_equals_base(method, kind):
-    model, x, y0, _ = _model(kind, method)
+def test_init_equals_base(method, kind, device):
+    model, x, y0, _ = _model(kind, method, device)
     if not sv.get_method(method).zero_init:
         pytest.skip(f"{method} does not define ΔW = 0 at init")
     with torch.no_grad():
@@ -67,8 +80,8 @@ def test_init_equals_base(method, kind):
 
 @pytest.mark.parametrize("kind", list(LAYERS))
 @pytest.mark.parametrize("method", METHODS)
-def test_fast_path_matches_delta_weight(method, kind):
-    model, x, _, _ = _model(kind, method)
+def test_fast_path_matches_delta_weight(method, kind, device):
+    model, x, _, _ = _model(kind, method, device)
     perturb(model)
     layer = model.layer
     delta = layer.adapters["default"]
@@ -83,8 +96,8 @@ def test_fast_path_matches_delta_weight(method, kind):
 
 @pytest.mark.parametrize("kind", list(LAYERS))
 @pytest.mark.parametrize("method", METHODS)
-def test_merge_unmerge_detach(method, kind):
-    model, x, y0, base = _model(kind, method)
+def test_merge_unmerge_detach(method, kind, device):
+    model, x, y0, base = _model(kind, method, device)
     base_module = model.layer.base_layer
     perturb(model)
     with torch.no_grad():
@@ -102,13 +115,13 @@ def test_merge_unmerge_detach(method, kind):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_save_load_roundtrip(method, tmp_path):
-    model, x, _, _ = _model("conv2d_3x3", method)
+def test_save_load_roundtrip(method, tmp_path, device):
+    model, x, _, _ = _model("conv2d_3x3", method, device)
     perturb(model)
     with torch.no_grad():
         y = model(x)
     sv.save_adapter(model, tmp_path / "a")
-    fresh, _, y0, _ = _model("conv2d_3x3", method)
+    fresh, _, y0, _ = _model("conv2d_3x3", method, device)
     sv.detach(fresh)
     sv.load_adapter(fresh, tmp_path / "a")
     with torch.no_grad():
@@ -121,8 +134,8 @@ def test_save_load_roundtrip(method, tmp_path):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_optimizer_steps_reduce_loss(method):
-    model, x, _, _ = _model("linear", method)
+def test_optimizer_steps_reduce_loss(method, device):
+    model, x, _, _ = _model("linear", method, device)
     init = {k: v.clone() for k, v in model.state_dict().items()}
     perturb(model, std=0.3)  # a reachable target: the output of the same method at other parameters
     with torch.no_grad():
@@ -152,8 +165,8 @@ BAND_COLUMNS = {  # literal expectations for band 0 and band 1 at rank 3 on a (4
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_bands_select_disjoint_columns(method):
-    model, *_ = _model("linear", method, band=0)
+def test_bands_select_disjoint_columns(method, device):
+    model, *_ = _model("linear", method, device, band=0)
     sv.attach(model, sv.SpectralConfig(method=method, rank=3, band=1, target_modules=["layer"]), adapter_name="b1")
     got = tuple(model.layer.adapters[n].columns.tolist() for n in ("default", "b1"))
     if method not in BAND_COLUMNS:

@@ -233,3 +233,99 @@ def test_open_clip_towers_and_mha_refusal(tmp_path):
     # out_proj inside nn.MultiheadAttention is never called as a module: refuse instead of silently doing nothing
     with pytest.raises(ValueError, match="MultiheadAttention"):
         sv.attach(create_model("tiny-open-clip"), sv.SpectralConfig(target_modules=["out_proj"]))
+
+
+# ---- real conv nets (timm subclasses, grouped / depthwise convs) and attention -----------------------------------
+def _tiny_bit():
+    """timm ``resnetv2_50x1_bit`` configuration (StdConv2d eps 1e-8, fixed stem, GroupNorm), shrunk."""
+    from functools import partial
+
+    from timm.layers import GroupNormAct, StdConv2d
+    from timm.models.resnetv2 import ResNetV2
+
+    return ResNetV2(layers=[1, 1], channels=(32, 64), stem_chs=16, stem_type="fixed", num_classes=5,
+                    conv_layer=partial(StdConv2d, eps=1e-8), norm_layer=partial(GroupNormAct, num_groups=8))
+
+
+def _tiny_tf_efficientnet():
+    """timm ``tf_efficientnet_*`` configuration (pad_type 'same': Conv2dSame for strided convs, depthwise
+    blocks with squeeze-excite), shrunk to three stages."""
+    from timm.models._efficientnet_builder import decode_arch_def
+    from timm.models.efficientnet import EfficientNet
+
+    arch = [["ds_r1_k3_s1_e1_c8_se0.25"], ["ir_r1_k3_s2_e6_c16_se0.25"], ["ir_r1_k5_s2_e6_c24_se0.25"]]
+    return EfficientNet(block_args=decode_arch_def(arch), num_features=32, stem_size=8, pad_type="same",
+                        num_classes=5)
+
+
+CONV_NETS = {  # builder, targets, layer types that must be among the adapted ones
+    "resnetv2_bit": (_tiny_bit, r"stem\.conv|.*\.(conv\d|downsample\.conv)", {"StdConv2d"}),
+    "tf_efficientnet": (_tiny_tf_efficientnet, r"conv_stem|conv_head|.*\.(conv_dw|conv_pw|conv_pwl|se\.conv_\w+)",
+                        {"Conv2dSame", "Conv2d"}),
+}
+
+
+@pytest.mark.parametrize("net", list(CONV_NETS))
+@pytest.mark.parametrize("method", ["spectral_a", "spectral_r"])
+def test_real_conv_nets_exact(net, method, tmp_path):
+    build, targets, types = CONV_NETS[net]
+    torch.manual_seed(0)
+    model = build().eval()
+    x = torch.randn(2, 3, 32, 32)  # even size: TF "same" padding is asymmetric at stride 2
+    state0 = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        y0 = model(x)
+    sv.attach(model, sv.SpectralConfig(method=method, rank=2, target_modules=targets))
+    layers = dict(sv.spectral_layers(model))
+    assert types <= {type(l.base_layer).__name__ for l in layers.values()}
+    if net == "tf_efficientnet":
+        assert any(l.base_layer.groups > 1 and type(l.base_layer).__name__ == "Conv2dSame" for l in layers.values())
+    with torch.no_grad():
+        assert (model(x) - y0).abs().max() <= 1e-5  # init equals base
+    perturb(model, std=0.2)
+    with torch.no_grad():
+        y = model(x)
+        assert (y - y0).abs().max() > 1e-3
+        sv.merge(model)
+        torch.testing.assert_close(model(x), y, atol=1e-4, rtol=1e-4)  # merged == unmerged
+        sv.unmerge(model)
+    sv.save_adapter(model, tmp_path / "ad")
+    torch.manual_seed(0)
+    fresh = build().eval()
+    sv.load_adapter(fresh, tmp_path / "ad")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), y, atol=1e-5, rtol=1e-5)
+    sv.detach(model)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state0[k]), k
+
+
+def test_open_clip_attention_in_projection(tmp_path):
+    model = create_model("tiny-open-clip")
+    image, text = torch.randn(2, 3, 32, 32), torch.randint(0, 49408, (2, 77))
+
+    def feats(m):
+        with torch.no_grad():
+            return torch.cat([m.encode_image(image), m.encode_text(text)], 1)
+
+    state0 = {k: v.clone() for k, v in model.state_dict().items()}
+    f0 = feats(model)
+    sv.attach(model, sv.SpectralConfig(method="spectral_a", rank=2, target_modules=r".*resblocks\.\d+\.attn"))
+    layers = dict(sv.spectral_layers(model))
+    assert len(layers) == 4 and all(l.kind == "mha" for l in layers.values())  # 2 towers x 2 blocks
+    assert (feats(model) - f0).abs().max() <= 1e-5
+    perturb(model, std=0.3)
+    f1 = feats(model)
+    assert (f1 - f0).abs().max() > 1e-4
+    sv.merge(model)
+    torch.testing.assert_close(feats(model), f1, atol=1e-5, rtol=1e-5)
+    sv.unmerge(model)
+    sv.save_adapter(model, tmp_path / "attn")
+    fresh = create_model("tiny-open-clip")
+    sv.load_adapter(fresh, tmp_path / "attn")
+    torch.testing.assert_close(feats(fresh), f1, atol=1e-5, rtol=1e-5)
+    sv.detach(model)
+    assert all(torch.equal(v, state0[k]) for k, v in model.state_dict().items())
+    # out_proj inside nn.MultiheadAttention cannot be wrapped: matched ones are skipped with one warning
+    with pytest.warns(UserWarning, match=r"skipped \d+ out_proj layers .*resblocks\.0\.attn\.out_proj"):
+        sv.attach(create_model("tiny-open-clip"), sv.SpectralConfig(rank=2, target_modules=["c_fc", "out_proj"]))

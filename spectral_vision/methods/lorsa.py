@@ -51,8 +51,8 @@ def projections(seed: int, out_features: int, in_features: int, proj_rank: int) 
     """The fixed ``P (out, r_p)`` and ``Q (in, r_p)`` of a layer, deterministic in (seed, shape), on CPU."""
     g = torch.Generator(device="cpu").manual_seed(
         (int(seed) * 1_000_003 + out_features * 65_537 + in_features * 257 + proj_rank) % (2**63 - 1))
-    P = torch.randn(out_features, proj_rank, generator=g) / out_features**0.5
-    Q = torch.randn(in_features, proj_rank, generator=g) / in_features**0.5
+    P = torch.randn(out_features, proj_rank, generator=g, device="cpu") / out_features**0.5
+    Q = torch.randn(in_features, proj_rank, generator=g, device="cpu") / in_features**0.5
     return P, Q
 
 
