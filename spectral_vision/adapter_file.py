@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from .config import SpectralConfig
 from .fileio import file_sha256
+from .geometry import geometry_kinds
 from .layers import RESHAPE_CONVENTION
 from .methods.base import get_method
 from .model import check_adapter_name
@@ -32,7 +33,6 @@ SIG_PREFIX = "__basis__."  # tensor key prefix of the basis signatures (never a 
 MAX_CONFIG_BYTES = 64 << 20  # adapter_config.json larger than this is refused
 MAX_OPTION_INT = 1 << 16  # integer method options read from a file (sizes of buffers) are bounded
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-KINDS = ("linear", "conv2d", "conv1d")
 
 
 class AdapterFileError(ValueError):
@@ -116,8 +116,8 @@ def _validate_meta(meta: dict, p: Path) -> SpectralConfig:
         where = f"layers.{name}"
         if not name or name.startswith(SIG_PREFIX) or not isinstance(info, dict):
             raise _field_error(p, where, "must be an object with kind, shape, base_shape, sigma")
-        if info.get("kind") not in KINDS:
-            raise _field_error(p, f"{where}.kind", f"{info.get('kind')!r} is not one of {KINDS}")
+        if info.get("kind") not in geometry_kinds():
+            raise _field_error(p, f"{where}.kind", f"{info.get('kind')!r} is not one of {geometry_kinds()}")
         if not _pos_ints(info.get("shape"), (2,)):
             raise _field_error(p, f"{where}.shape", f"must be [out, in] positive ints, got {info.get('shape')!r}")
         if not _pos_ints(info.get("base_shape"), (2, 4)):

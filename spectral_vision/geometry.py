@@ -43,7 +43,7 @@ from torch import nn
 __all__ = [
     "LayerGeometry", "LinearGeometry", "Conv1DGeometry", "Conv2dGeometry", "Conv2dSameGeometry",
     "StdConv2dGeometry", "MultiheadAttentionGeometry", "register_geometry", "find_geometry", "geometry_for",
-    "layer_kind", "base_weight", "weight_2d", "singular_values", "registered_geometries", "flatten_2d",
+    "layer_kind", "geometry_kinds", "base_weight", "weight_2d", "singular_values", "registered_geometries", "flatten_2d",
 ]
 
 _REGISTRY: dict[Union[type, str], type["LayerGeometry"]] = {}
@@ -103,6 +103,11 @@ def geometry_for(module: nn.Module) -> "LayerGeometry":
         raise TypeError(reason or f"cannot adapt {_qualname(type(module))}: supported are "
                                   f"{sorted(set(registered_geometries()))}")
     return g(module)
+
+
+def geometry_kinds() -> tuple[str, ...]:
+    """The ``kind`` names of every registered geometry (``"linear"``, ``"conv2d"``, ``"conv1d"``, ``"mha"``, ...)."""
+    return tuple(sorted({g.kind for g in _REGISTRY.values() if g.kind}))
 
 
 def layer_kind(module: nn.Module) -> Optional[str]:

@@ -127,8 +127,8 @@ def _load_cached(path: Path, k: int, shape: tuple, device) -> Optional[tuple]:
     """The first ``k`` cached triplets (only those columns are read), or None when the entry is missing,
     smaller than ``k``, of the wrong shape, non-finite or unreadable (then the caller recomputes)."""
     out, inp = shape
-    try:
-        with safe_open(str(path), "pt", device="cpu") as f:
+    try:  # torch.device("cpu"): slices are built by factory calls, which a default meta device would capture
+        with torch.device("cpu"), safe_open(str(path), "pt", device="cpu") as f:
             n = f.get_slice("S").get_shape()
             u, v = f.get_slice("U").get_shape(), f.get_slice("V").get_shape()
             if len(n) != 1 or n[0] < k or list(u) != [out, n[0]] or list(v) != [inp, n[0]]:
