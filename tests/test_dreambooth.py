@@ -15,12 +15,11 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "training" / "dreambooth_spectral.py"
-sys.path.insert(0, str(ROOT / "training"))
-import common  # noqa: E402
+import common  # noqa: E402  (training/ and benchmarks/ come from pytest's pythonpath)
 import dreambooth_spectral as db  # noqa: E402
 
 # the random-weight tiny base (the script's default is the trained builtin:digits)
-BASE = ["--pretrained_model_name_or_path", "builtin:tiny-sd"]
+BASE = ["--pretrained_model_name_or_path", "builtin:tiny-sd", "--instance_data_dir", "builtin:chelsea"]
 # the same run everywhere (in process, killed + resumed, ...): text encoder too, accumulation, flips, warmup
 TRAIN = [*BASE, "--max_train_steps", "10", "--checkpointing_steps", "2", "--checkpoints_total_limit", "2",
          "--train_batch_size", "1", "--gradient_accumulation_steps", "2", "--lr_scheduler", "linear",
@@ -280,7 +279,7 @@ def test_bad_inputs_fail_before_training(run, tmp_path, case):
 
 
 def test_bad_flag_combinations():
-    for argv in (["--with_prior_preservation"], ["--band", "x"], ["--rank", "0"],
+    for argv in (["--with_prior_preservation", "--instance_data_dir", "/some/dir"], ["--band", "x"], ["--rank", "0"],
                  ["--instance_data_dir", "/some/dir", "--caption_column", "none"], ["--adapter", "nope"], ["--adapter_options", "{bad"]):
         with pytest.raises(SystemExit):
             db.parse_args(argv)
@@ -316,7 +315,7 @@ def test_per_image_captions_reach_the_batches(tmp_path):
     inputs = db.prepare_inputs(args)
     assert inputs.instance_captions == ["a handwritten digit 1 sks", "a handwritten digit 2 sks", "a sks thing"]
     assert inputs.class_prompts == ["a handwritten digit 1", "a handwritten digit 2"]
-    summary = run_main(argv[2:])
+    summary = run_main(argv[len(BASE):])
     assert summary["global_step"] == 2
     rows = [json.loads(line) for line in (tmp_path / "class" / "metadata.jsonl").read_text().splitlines()]
     assert sorted(r["text"] for r in rows) == ["a handwritten digit 1"] * 2 + ["a handwritten digit 2"] * 2
@@ -352,7 +351,6 @@ def test_bad_captions_are_refused(tmp_path, case):
 
 # ---- the benchmark's worker (same step, both adapters) ---------------------------------------------------------
 def test_benchmark_worker_runs_both_variants():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     import dreambooth_vs_peft as bench
 
     threads = torch.get_num_threads()
