@@ -36,7 +36,7 @@ from torch import nn
 from .config import SpectralConfig
 from .fileio import atomic_write_text
 
-__all__ = ["BandRegistry", "BandError", "band_columns", "band_count", "layer_band_count", "find_overlaps",
+__all__ = ["BandRegistry", "BandError", "band_columns", "describe_columns", "band_count", "layer_band_count", "find_overlaps",
            "OverlapReport", "LayerOverlap", "adapter_columns", "REGISTRY_NAME"]
 
 REGISTRY_NAME = "bands.json"
@@ -51,6 +51,12 @@ def band_columns(band: int, rank: int) -> list[int]:
     """Singular indices of band ``band`` at rank ``rank``: ``[band*rank, (band+1)*rank)`` (the rule of
     :meth:`SpectralConfig.band_columns`; ``ValueError`` on a negative band or a rank < 1)."""
     return SpectralConfig(rank=rank, band=band).band_columns()
+
+
+def describe_columns(band: int, rank: int) -> str:
+    """``"4..7"``: the first and last singular column of band ``band`` at rank ``rank`` (for messages)."""
+    cols = band_columns(band, rank)
+    return f"{cols[0]}..{cols[-1]}"
 
 
 def band_count(num_columns: int, rank: int) -> int:

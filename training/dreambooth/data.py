@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from spectral_vision.baselines import is_peft_method
-from spectral_vision.bands import BandRegistry
+from spectral_vision.bands import BandRegistry, describe_columns
 from spectral_vision.fileio import cache_root, file_sha256
 from spectral_vision.integrations.diffusers import SKIMAGE_PHOTOS, bundled_instance_images
 
@@ -205,6 +205,6 @@ def check_band_free(registry: BandRegistry, concept: str, band: int, rank: int) 
     clash = registry.check_overlap(band, rank, exclude=concept)
     if clash:
         desc = "; ".join(f"{n!r} (columns {c})" for n, c in clash)
-        raise InputError(f"--band {band} at --rank {rank} (singular columns {band * rank}..{(band + 1) * rank - 1}) "
+        raise InputError(f"--band {band} at --rank {rank} (singular columns {describe_columns(band, rank)}) "
                          f"overlaps concepts registered in {registry.path}: {desc}. Use --band auto (next free "
                          f"band: {registry.next_free_band(rank, exclude=concept)}) or another --concepts_dir")

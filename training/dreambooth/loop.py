@@ -156,7 +156,7 @@ def setup(args) -> tuple:
     warning = launch_warning(accelerator.num_processes)
     if warning:
         logger.warning(warning)
-    resume = check_output_dir(args, ctx.identity, accelerator.is_main_process)
+    resume = check_output_dir(args, ctx.identity, accelerator.is_main_process, accelerator.wait_for_everyone)
     accelerator.wait_for_everyone()
     resolve_seed(args, resume)
     if args.allow_tf32 and torch.cuda.is_available():
@@ -182,7 +182,11 @@ def setup(args) -> tuple:
 
 def check_finite(args, ctx, accelerator) -> None:
     """Stop (nothing of this step saved) when the loss or an adapter tensor is NaN/inf."""
-    bad = None if math.isfinite(ctx.last_loss) else f"the loss is {ctx.last_loss}"
+    finite = math.isfinite(ctx.last_loss)
+    if accelerator.num_processes > 1:  # every rank decides alike (losses differ per rank; adapters do not)
+        flags = accelerator.reduce(torch.tensor([0.0 if finite else 1.0], device=accelerator.device), "sum")
+        finite = flags.item() == 0
+    bad = None if finite else f"the loss is {ctx.last_loss} (on at least one process)"
     if bad is None:
         tensor = first_non_finite({k: accelerator.unwrap_model(v) for k, v in ctx.adapted.items()},
                                   ctx.inputs.adapter_name)

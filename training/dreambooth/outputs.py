@@ -10,17 +10,16 @@ from typing import Optional
 
 import numpy as np
 import torch
-from accelerate.logging import get_logger
 
 import spectral_vision as sv
 from common import step_seed
+from spectral_vision.bands import describe_columns
 from spectral_vision.baselines import is_peft_method
 from spectral_vision.fileio import atomic_write, atomic_write_json, atomic_write_text
 
 from .args import LORA_FILES, InputError
 from .models import first_non_finite, is_spectral, save_component
 
-logger = get_logger("dreambooth_spectral")
 GRID = "validation_grid.png"
 
 
@@ -164,8 +163,8 @@ def export_loras(args, adapted: dict, adapter_name: str) -> dict:
 
 def write_model_card(args, ctx, exports: dict, params: sv.ParamCount) -> None:
     band = ctx.band
-    cols = "n/a (PEFT baseline)" if band is None else f"{band} (singular columns {band * args.rank}.." \
-                                                        f"{(band + 1) * args.rank - 1} of every adapted layer)"
+    cols = "n/a (PEFT baseline)" if band is None else \
+        f"{band} (singular columns {describe_columns(band, args.rank)} of every adapted layer)"
     lora = "\n".join(f"- `{Path(r['path']).name}` ({fmt} keys, LoRA ranks {r.get('ranks', [args.rank])}, "
                      f"{'exact' if r['exact'] else 'SVD-truncated, max rel. error %.2e' % r['max_rel_error']})"
                      for fmt, r in exports.items())

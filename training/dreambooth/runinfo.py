@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 from common import checkpoint_info, list_checkpoints, resolve_resume
+from spectral_vision.bands import describe_columns
 from spectral_vision.fileio import atomic_write_json
 
 from .args import InputError
@@ -39,7 +40,7 @@ def config_diff(old: dict, new: dict, old_seed=None, new_seed=None) -> list[str]
     return diffs
 
 
-def check_output_dir(args, identity: dict, is_main: bool) -> Optional[Path]:
+def check_output_dir(args, identity: dict, is_main: bool, barrier=lambda: None) -> Optional[Path]:
     """Refuse an ``--output_dir`` that holds a different run (unless ``--overwrite_output_dir``: its checkpoints
     are deleted) and a ``--resume_from_checkpoint`` of a different run. Records this run's config, removes
     stale temp files of a killed save. Returns the checkpoint to resume from (or ``None``)."""
@@ -54,6 +55,7 @@ def check_output_dir(args, identity: dict, is_main: bool) -> Optional[Path]:
         if diffs and is_main:
             for _, path in list_checkpoints(out):
                 shutil.rmtree(path)
+    barrier()  # every process sees the folder after the deletion
     try:
         resume = resolve_resume(out, args.resume_from_checkpoint)
     except (FileNotFoundError, ValueError) as e:
@@ -109,7 +111,7 @@ def summary_lines(args, ctx, num_processes: int, steps_per_epoch: int) -> list[s
 
     total = args.train_batch_size * num_processes * args.gradient_accumulation_steps
     band = "none (PEFT baseline)" if ctx.band is None else \
-        f"{ctx.band} (singular columns {ctx.band * args.rank}..{(ctx.band + 1) * args.rank - 1})"
+        f"{ctx.band} (singular columns {describe_columns(ctx.band, args.rank)})"
     lines = ["***** Running training *****",
              f"  Base model = {args.pretrained_model_name_or_path}",
              f"  Concept = {ctx.inputs.concept} (adapter {args.adapter} '{ctx.inputs.adapter_name}', rank {args.rank}, "
