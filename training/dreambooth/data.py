@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Optional
@@ -133,11 +136,20 @@ def digit_set(concept: str) -> SimpleNamespace:
     if concept not in known:
         raise InputError(f"unknown built-in concept {DIGITS_PREFIX}{concept}; available: "
                          f"{[DIGITS_PREFIX + c for c in known]}")
-    folder = cache_root("instance_images", f"digits-{concept}")
-    class_dir = folder.parent / f"{folder.name}-class"
-    if not (folder / METADATA).is_file() or not (class_dir / METADATA).is_file():
-        dc.write_instance_set(concept, folder, class_dir=class_dir)  # metadata.jsonl written last by it
-    return SimpleNamespace(instance_dir=folder, class_dir=class_dir,
+    root = cache_root("instance_images", f"digits-{concept}")
+    if not (root / "class" / METADATA).is_file():  # written once, into a temp folder renamed in one step
+        root.parent.mkdir(parents=True, exist_ok=True)  # (DDP ranks and parallel runs race here)
+        tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.", suffix=".tmp"))
+        try:
+            dc.write_instance_set(concept, tmp / "instance", class_dir=tmp / "class")
+            try:
+                os.rename(tmp, root)
+            except OSError:
+                if not (root / "class" / METADATA).is_file():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return SimpleNamespace(instance_dir=root / "instance", class_dir=root / "class",
                            validation=[dc.concept_prompt([concept], d) for d in range(10)])
 
 
