@@ -3,6 +3,7 @@ model card, ``training_args.json``, the band registration, the Hub upload, and t
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from pathlib import Path
 from types import SimpleNamespace
@@ -233,12 +234,21 @@ def save_outputs(args, accelerator, ctx) -> dict:
     return summary
 
 
+def _base_of(concept_dir: Path) -> Optional[str]:
+    """The base model a concept folder written by this script was trained on (``None``: unknown)."""
+    try:
+        return json.loads((concept_dir / "training_args.json").read_text())["args"]["pretrained_model_name_or_path"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def next_steps(args, ctx) -> list[str]:
     """The closing lines: what was written where, and what to run next."""
     out = Path(args.output_dir)
     others = [] if ctx.inputs.registry is None else \
-        [e["adapter_dir"] for n, e in ctx.inputs.registry.concepts().items() if n != ctx.inputs.concept]
-    others = [str(Path(p).parent if Path(p).name in ("unet", "text_encoder") else p) for p in others][:3]
+        [Path(e["adapter_dir"]) for n, e in ctx.inputs.registry.concepts().items() if n != ctx.inputs.concept]
+    others = [str(p.parent) for p in others
+              if p.name == "unet" and _base_of(p.parent) == args.pretrained_model_name_or_path]
     comps = " and ".join(f"{out / c}/" for c in ctx.adapted)
     lines = [f"Wrote concept '{ctx.inputs.concept}' to {out}/: adapter {comps}, LoRA "
              f"{', '.join(Path(r['path']).name for r in ctx.exports.values()) or '(none)'}, model card README.md"]
@@ -247,7 +257,7 @@ def next_steps(args, ctx) -> list[str]:
                      "and seeds)")
     fused = out.parent / "fused"
     lines += [f"Next: fuse it:    python -m fusion --base {args.pretrained_model_name_or_path} --adapters "
-              f"{' '.join([str(out)] + others)} --mode spectral --out {fused}",
+              f"{' '.join([str(out)] + others[:3])} --mode spectral --out {fused}",
               "      try it:     python demos/fusion_app.py"]
     return lines
 
