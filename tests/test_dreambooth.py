@@ -445,11 +445,12 @@ def test_digit_concept_main_job(tmp_path, capsys):
     pipe = load_pipeline("builtin:digits")
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    for d in (0, 7):
-        g = torch.Generator().manual_seed(step_seed(0, 11, d, 0))
-        base = np.asarray(pipe(dc.concept_prompt(["bold"], d), num_inference_steps=1, height=32, width=32,
-                               generator=g).images[0])
-        assert np.array_equal(grid[:32, 32 * d:32 * (d + 1)], base)
+    digits = [0, 1, 2, 3]  # the first batch of --sample_batch_size (default 4) validation images
+    gens = [torch.Generator().manual_seed(step_seed(0, 11, d, 0)) for d in digits]
+    base = pipe([dc.concept_prompt(["bold"], d) for d in digits], num_inference_steps=1, height=32, width=32,
+                generator=gens).images
+    for d, im in zip(digits, base):
+        assert np.array_equal(grid[:32, 32 * d:32 * (d + 1)], np.asarray(im))
     assert not np.array_equal(grid[:32], grid[32:])  # the concept row differs
 
 

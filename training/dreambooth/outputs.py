@@ -82,8 +82,8 @@ def adapters_off(models: list):
 
 
 def sample(args, accelerator, ctx, prompts: list[str], per_prompt: int) -> list:
-    """``per_prompt`` images per prompt with the current models; image ``(j, k)`` is seeded by
-    ``(--seed, j, k)`` so base and concept rows share their noise."""
+    """``per_prompt`` images per prompt with the current models, ``--sample_batch_size`` at a time; image
+    ``(j, k)`` is seeded by ``(--seed, j, k)`` so base and concept rows share their noise."""
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
     m = ctx.models
@@ -93,13 +93,14 @@ def sample(args, accelerator, ctx, prompts: list[str], per_prompt: int) -> list:
         feature_extractor=None, requires_safety_checker=False,
         scheduler=DPMSolverMultistepScheduler.from_config(m.noise_scheduler.config))
     pipe.set_progress_bar_config(disable=True)
+    keys = [(j, k) for j in range(len(prompts)) for k in range(per_prompt)]
     images = []
     with accelerator.autocast():
-        for j, prompt in enumerate(prompts):
-            for k in range(per_prompt):
-                g = torch.Generator(accelerator.device).manual_seed(step_seed(args.seed, 11, j, k))
-                images.append(pipe(prompt, num_inference_steps=args.validation_inference_steps, height=args.resolution,
-                                   width=args.resolution, generator=g).images[0])
+        for start in range(0, len(keys), args.sample_batch_size):  # batched; one generator per image
+            chunk = keys[start:start + args.sample_batch_size]
+            gens = [torch.Generator(accelerator.device).manual_seed(step_seed(args.seed, 11, j, k)) for j, k in chunk]
+            images += pipe([prompts[j] for j, _ in chunk], num_inference_steps=args.validation_inference_steps,
+                           height=args.resolution, width=args.resolution, generator=gens).images
     if args.pre_compute_text_embeddings:
         te.to("cpu")
     return images
