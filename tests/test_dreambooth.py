@@ -15,12 +15,11 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "training" / "dreambooth_spectral.py"
-sys.path.insert(0, str(ROOT / "training"))
-import common  # noqa: E402
+import common  # noqa: E402  (training/ and benchmarks/ come from pytest's pythonpath)
 import dreambooth_spectral as db  # noqa: E402
 
 # the random-weight tiny base (the script's default is the trained builtin:digits)
-BASE = ["--pretrained_model_name_or_path", "builtin:tiny-sd"]
+BASE = ["--pretrained_model_name_or_path", "builtin:tiny-sd", "--instance_data_dir", "builtin:chelsea"]
 # the same run everywhere (in process, killed + resumed, ...): text encoder too, accumulation, flips, warmup
 TRAIN = [*BASE, "--max_train_steps", "10", "--checkpointing_steps", "2", "--checkpoints_total_limit", "2",
          "--train_batch_size", "1", "--gradient_accumulation_steps", "2", "--lr_scheduler", "linear",
@@ -283,7 +282,7 @@ def test_bad_inputs_fail_before_training(run, tmp_path, case):
 
 
 def test_bad_flag_combinations():
-    for argv in (["--with_prior_preservation"], ["--band", "x"], ["--rank", "0"],
+    for argv in (["--with_prior_preservation", "--instance_data_dir", "/some/dir"], ["--band", "x"], ["--rank", "0"],
                  ["--instance_data_dir", "/some/dir", "--caption_column", "none"], ["--adapter", "nope"], ["--adapter_options", "{bad"]):
         with pytest.raises(SystemExit):
             db.parse_args(argv)
@@ -319,7 +318,7 @@ def test_per_image_captions_reach_the_batches(tmp_path):
     inputs = db.prepare_inputs(args)
     assert inputs.instance_captions == ["a handwritten digit 1 sks", "a handwritten digit 2 sks", "a sks thing"]
     assert inputs.class_prompts == ["a handwritten digit 1", "a handwritten digit 2"]
-    summary = run_main(argv[2:])
+    summary = run_main(argv[len(BASE):])
     assert summary["global_step"] == 2
     rows = [json.loads(line) for line in (tmp_path / "class" / "metadata.jsonl").read_text().splitlines()]
     assert sorted(r["text"] for r in rows) == ["a handwritten digit 1"] * 2 + ["a handwritten digit 2"] * 2
@@ -353,9 +352,113 @@ def test_bad_captions_are_refused(tmp_path, case):
         db.prepare_inputs(args)
 
 
+# ---- diffusers' flag set (issue 17) -------------------------------------------------------------------------------
+def test_push_to_hub_offline_fails_before_training(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    args = db.parse_args(BASE + ["--push_to_hub", "--output_dir", str(tmp_path / "o"), "--report_to", "none"])
+    with pytest.raises(db.InputError, match="--push_to_hub: the Hugging Face Hub is switched off here.*huggingface-cli"):
+        db.setup(args)
+    assert not (tmp_path / "o").exists()  # nothing started
+
+
+def test_launch_warning_for_cpu_num_processes(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")  # what `accelerate launch --num_processes 2 --cpu` sets
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert "runs ONE process" in db.launch_warning(1) and "--multi_gpu" in db.launch_warning(1)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # a real 2-process launch
+    assert db.launch_warning(1) is None
+    monkeypatch.delenv("MASTER_ADDR")
+    monkeypatch.delenv("WORLD_SIZE")
+    assert db.launch_warning(1) is None  # plain `python script.py`
+
+
+def test_diffusers_flags_run_and_push(tmp_path, monkeypatch, capsys):
+    """--pre_compute_text_embeddings gives exactly the text encoder's loss; the other flags are accepted; the
+    upload happens at the end with the folder and repo id (Hub client stubbed: no network here)."""
+    import huggingface_hub
+
+    calls = []
+    monkeypatch.setattr(huggingface_hub.HfApi, "whoami", lambda self, *a, **k: {"name": "me"})
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **k: calls.append(("create", repo_id)))
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", lambda self, **k: calls.append(("upload", k)))
+    out = tmp_path / "flags"
+    argv = [*BASE, "--output_dir", str(out), "--max_train_steps", "2", "--train_batch_size", "2", "--lr_warmup_steps",
+            "0", "--seed", "0", "--report_to", "none", "--no_register", "--checkpointing_steps", "5",
+            "--pre_compute_text_embeddings", "--text_encoder_use_attention_mask", "--set_grads_to_none",
+            "--enable_xformers_memory_efficient_attention", "--image_interpolation_mode", "lanczos", "--push_to_hub"]
+    reset_accelerate()
+    try:
+        args = db.parse_args(argv)
+        accelerator, ctx = db.setup(args)
+        batch = db.collate_fn([ctx.dataset[(i, 0)] for i in range(2)])
+        assert batch["prompt_embeds"].shape == (2, 77, 32)  # (B, L, D): encoded once, before training
+        m = ctx.models
+        losses = []
+        for b in (batch, {k: v for k, v in batch.items() if k != "prompt_embeds"}):
+            g = torch.Generator().manual_seed(3)
+            with torch.no_grad():
+                losses.append(db.compute_loss(args, b, m.unet, m.text_encoder, m.vae, m.noise_scheduler,
+                                              ctx.weight_dtype, g))
+        assert torch.equal(losses[0], losses[1])
+        db.train(args, accelerator, ctx)
+        assert ctx.global_step == 2
+    finally:
+        reset_accelerate()
+    summary = run_main(argv[len(BASE):] + ["--overwrite_output_dir"])
+    assert summary["global_step"] == 2
+    assert calls[0] == ("create", "me/flags") and calls[1][1]["folder_path"] == str(out)
+    assert "checkpoint-*" in calls[1][1]["ignore_patterns"]
+    assert "Uploaded to https://huggingface.co/me/flags" in capsys.readouterr().out
+
+
+# ---- the main job: a built-in digit concept (issue 15) --------------------------------------------------------------
+@pytest.mark.slow  # materialises builtin:digits and the digit set in the test's own cache (~40 s on 2 free cores)
+def test_digit_concept_main_job(tmp_path, capsys):
+    """builtin:digits-bold: per-image captions with the digit, a class set, a grid whose top row is exactly
+    the untouched base for the same prompts and seeds, and the next commands."""
+    import digit_concepts as dc
+    from PIL import Image
+
+    if not hasattr(dc, "InstanceSet"):
+        pytest.skip("needs training/digit_concepts.py with write_instance_set(concept, folder) (concepts branch)")
+    out = tmp_path / "concepts" / "bold"
+    argv = ["--instance_data_dir", "builtin:digits-bold", "--output_dir", str(out), "--max_train_steps", "1",
+            "--train_batch_size", "2", "--with_prior_preservation", "--num_class_images", "4", "--seed", "0",
+            "--validation_inference_steps", "1", "--report_to", "none", "--lr_warmup_steps", "0", "--lora_export"]
+    reset_accelerate()
+    try:
+        args = db.parse_args(argv)
+        inputs = db.prepare_inputs(args)
+        assert inputs.instance_captions[:3] == [dc.concept_prompt(["bold"], d) for d in range(3)]
+        assert args.validation_prompt.split("|") == [dc.concept_prompt(["bold"], d) for d in range(10)]
+        db.main(db.parse_args(argv))
+    finally:
+        reset_accelerate()
+    printed = capsys.readouterr().out
+    assert "python -m fusion --base builtin:digits --adapters" in printed and "demos/fusion_app.py" in printed
+    grid = np.asarray(Image.open(out / db.GRID))
+    assert grid.shape == (64, 320, 3)  # 2 rows (base, concept) x 10 digits, 32 px
+    from spectral_vision.integrations.diffusers import load_pipeline
+    from diffusers import DPMSolverMultistepScheduler
+    from common import step_seed
+
+    pipe = load_pipeline("builtin:digits")
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    digits = [0, 1, 2, 3]  # the first batch of --sample_batch_size (default 4) validation images
+    gens = [torch.Generator().manual_seed(step_seed(0, 11, d, 0)) for d in digits]
+    base = pipe([dc.concept_prompt(["bold"], d) for d in digits], num_inference_steps=1, height=32, width=32,
+                generator=gens).images
+    for d, im in zip(digits, base):
+        assert np.array_equal(grid[:32, 32 * d:32 * (d + 1)], np.asarray(im))
+    assert not np.array_equal(grid[:32], grid[32:])  # the concept row differs
+
+
 # ---- the benchmark's worker (same step, both adapters) ---------------------------------------------------------
 def test_benchmark_worker_runs_both_variants():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     import dreambooth_vs_peft as bench
 
     threads = torch.get_num_threads()

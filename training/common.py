@@ -1,8 +1,8 @@
 """Shared helpers for the training scripts (DreamBooth, VTAB, LLM): atomic checkpoints, resume, param groups.
 
-Small on purpose; import it next to your script (``training/`` is not a package)::
+Small on purpose. A script in ``training/`` imports it directly (running a script puts its folder on
+``sys.path``; tests get ``training`` from pytest's ``pythonpath``)::
 
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from common import save_checkpoint, resolve_resume, param_groups, cast_frozen_, step_seed
 
 Checkpoints are folders ``<output_dir>/checkpoint-<step>`` made **atomically**: the state is written to
@@ -21,7 +21,7 @@ or a ``*.tmp`` folder that :func:`list_checkpoints` / ``"latest"`` ignore (and t
 ``param_groups([(module, lr), ...])``    optimizer groups of the trainable parameters (fp32 checked)
 ``cast_frozen_(model, dtype)``           cast frozen weights for mixed precision; adapters stay fp32
 ``step_seed(seed, *keys)``               a 63-bit seed from ``(seed, epoch, step, rank, ...)``
-``atomic_write_json(path, obj)``         write a JSON file atomically (temp file + ``os.replace``)
+``atomic_write_json(path, obj)``         :func:`spectral_vision.fileio.atomic_write_json` (re-exported)
 =====================================  ===============================================================
 """
 from __future__ import annotations
@@ -31,13 +31,14 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
+
+from spectral_vision.fileio import atomic_write_json
 
 __all__ = ["CHECKPOINT_PREFIX", "COMPLETE_MARKER", "list_checkpoints", "checkpoint_info", "resolve_resume",
            "rotate_checkpoints", "save_checkpoint", "save_accelerate_checkpoint", "param_groups", "cast_frozen_",
@@ -48,23 +49,6 @@ COMPLETE_MARKER = "checkpoint_complete.json"
 _NAME = re.compile(rf"{CHECKPOINT_PREFIX}(\d+)")
 
 PathLike = Union[str, os.PathLike]
-
-
-def atomic_write_json(path: PathLike, obj, indent: int = 1) -> Path:
-    """Write ``obj`` as JSON to ``path`` atomically (a reader sees the old file or the new one, never half)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=indent, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
 
 
 # ---- finding checkpoints --------------------------------------------------------------------------------

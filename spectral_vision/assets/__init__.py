@@ -11,14 +11,14 @@ tokenizer is not stored: it is rebuilt from the BPE vocabulary ``open_clip_torch
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import tempfile
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
+
+from ..fileio import atomic_write, file_sha256
 
 __all__ = ["DIGITS_BASE", "pack_pipeline", "read_metadata", "pipeline_from_asset", "asset_digest"]
 
@@ -28,11 +28,7 @@ _COMPONENTS = ("unet", "vae", "text_encoder")
 
 def asset_digest(path: Union[str, Path] = DIGITS_BASE) -> str:
     """First 12 hex digits of the file's sha256 (cache key of the materialised pipeline)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:12]
+    return file_sha256(path)[:12]
 
 
 def pack_pipeline(pipe, path: Union[str, Path], recipe: Optional[dict] = None) -> int:
@@ -50,18 +46,7 @@ def pack_pipeline(pipe, path: Union[str, Path], recipe: Optional[dict] = None) -
     configs["tokenizer"] = {"model_max_length": pipe.tokenizer.model_max_length}
     meta = {"format": "spectral_vision.pipeline/1", "configs": json.dumps(configs, default=str),
             "recipe": json.dumps(recipe or {}, default=str)}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path.stat().st_size
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta)).stat().st_size
 
 
 def read_metadata(path: Union[str, Path] = DIGITS_BASE) -> dict:

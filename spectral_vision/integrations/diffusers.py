@@ -30,6 +30,8 @@ from typing import Optional, Union
 
 import torch
 
+from ..fileio import atomic_write, atomic_write_text, cache_root
+
 __all__ = ["load_pipeline", "resolve_pretrained", "is_builtin", "build_clip_tokenizer_files",
            "bundled_instance_images", "BUILTIN_PIPELINES", "SKIMAGE_PHOTOS"]
 
@@ -39,11 +41,6 @@ BUILTIN_PIPELINES = {"builtin:tiny-sd": "tiny-sd-v1", "builtin:digits": "digits"
 SKIMAGE_PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
 TINY_SD_SEED = 0
 TINY_SD_RESOLUTION = 32  # default image size of the built-in (latents 16x16 with its 2x VAE)
-
-
-def _cache_root() -> Path:
-    root = os.environ.get("SPECTRAL_VISION_CACHE") or os.path.join(Path.home(), ".cache", "spectral_vision")
-    return Path(root)
 
 
 def is_builtin(name_or_path: Union[str, Path]) -> bool:
@@ -70,8 +67,8 @@ def build_clip_tokenizer_files(folder: Union[str, Path]) -> Path:
         raise RuntimeError(f"CLIP vocabulary has {len(encoder)} entries, expected 49408 (unexpected BPE file)")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(encoder, ensure_ascii=False))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    atomic_write_text(folder / "vocab.json", json.dumps(encoder, ensure_ascii=False))
+    atomic_write_text(folder / "merges.txt", "#version: 0.2\n" + "\n".join(merges) + "\n")
     return folder
 
 
@@ -121,7 +118,7 @@ def resolve_pretrained(name_or_path: Union[str, Path]) -> str:
     folder_name, build = BUILTIN_PIPELINES[name], _build_tiny_sd
     if name == "builtin:digits":
         folder_name, build = _digits_builder()
-    final = _cache_root() / "pipelines" / folder_name
+    final = cache_root() / "pipelines" / folder_name
     if (final / "model_index.json").exists():
         return str(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -209,7 +206,7 @@ def bundled_instance_images(name: str = "chelsea", folder: Optional[Union[str, P
         raise ValueError(f"unknown bundled photo(s) {bad or name!r}; available: {list(SKIMAGE_PHOTOS)}")
     if views < 1:
         raise ValueError(f"views must be >= 1, got {views}")
-    folder = Path(folder) if folder is not None else _cache_root() / "instance_images" / "_".join(names)
+    folder = Path(folder) if folder is not None else cache_root() / "instance_images" / "_".join(names)
     folder.mkdir(parents=True, exist_ok=True)
     for n in names:
         img = np.asarray(getattr(skimage.data, n)())[..., :3]  # (H, W, 3) uint8
@@ -217,8 +214,5 @@ def bundled_instance_images(name: str = "chelsea", folder: Optional[Union[str, P
             target = folder / f"{n}_{i}.png"
             if target.exists():
                 continue
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{n}_{i}.", suffix=".tmp")  # unique: ranks race here
-            with os.fdopen(fd, "wb") as f:
-                Image.fromarray(np.ascontiguousarray(view)).save(f, format="PNG")
-            os.replace(tmp, target)
+            atomic_write(target, lambda tmp, v=view: Image.fromarray(np.ascontiguousarray(v)).save(tmp, format="PNG"))
     return folder
