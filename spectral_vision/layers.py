@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import SpectralConfig
+from .fastpath import choose_form, fast_factors, weight_form_forward
 from .methods.base import SpectralDelta, get_method
 from .svd import decompose, sigma_fingerprint
 
@@ -176,7 +177,7 @@ class SpectralLayer(nn.Module):
     def _apply_delta(self, x: torch.Tensor, delta: SpectralDelta) -> torch.Tensor:
         if self.kind != "conv2d":
             return delta.forward_linear(x)
-        B, A = delta.factors()  # (out, R), (R, in) fp32
+        B, A = fast_factors(delta)  # (out, R), (R, in) fp32
         conv, R = self.base_layer, A.shape[0]
         h = F.conv2d(x, A.to(x.dtype).reshape(R, *conv.weight.shape[1:]), None,  # (R, in) -> (R, cin, kh, kw)
                      conv.stride, conv.padding, conv.dilation)
@@ -187,6 +188,9 @@ class SpectralLayer(nn.Module):
             if self.merged_adapters:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        pending = [n for n in self.active_adapters if n not in self.merged_adapters]
+        if pending and not (args or kwargs) and choose_form(self, x, [self.adapters[n] for n in pending]) == "weight":
+            return weight_form_forward(self, x, pending)  # op(x, W + ΔW): see spectral_vision.fastpath
         y = self.base_layer(x, *args, **kwargs)
         for name in self.active_adapters:
             if name not in self.merged_adapters:

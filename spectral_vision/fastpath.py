@@ -1,0 +1,161 @@
+"""The two forward forms of a :class:`~spectral_vision.layers.SpectralLayer`, and the cost model that picks one.
+
+* **delta form** ``y = base(x) + Δ(x)``: ``Δ`` through the method's thin factors ``ΔW = B A`` (``R`` columns).
+  Extra work per call: a few passes over the activations, ``N (in + out)`` elements each, forward and
+  backward. Cheap in FLOPs, but on a GPU every pass is memory-bound (a rank-8 matmul reads and
+  writes as many bytes as the full matmul it rides on).
+* **weight form** ``y = op(x, W + B A)``: the weight is rebuilt in fp32 (one ``addmm`` per adapter,
+  ``O(out·in·R)`` and independent of the batch), cast to the base dtype and used in the layer's
+  own op. In training, backward pays one extra matmul ``∂W = gᵀ x`` (compute-bound; what full
+  fine-tuning pays) instead of the memory-bound passes. Its output equals the merged model's.
+
+``auto`` (the default) compares the two costs per call from the layer shape, the number of rows ``N``,
+the dtype and rough device rates (:data:`RATES`): on a GPU, ViT-B- and SD-UNet-size layers train in the
+weight form; on a CPU, big layers keep the delta form. ``SPECTRAL_VISION_FORWARD=delta|weight|auto``
+changes the default; :func:`set_forward_form` fixes it per model or layer. Every form is exact to
+fp32 rounding and tested against ``delta_weight`` (``tests/test_methods_extra.py``).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["FORMS", "RATES", "set_forward_form", "forward_form", "fast_factors", "choose_form",
+           "weight_form_forward", "merged_weight"]
+
+FORMS = ("auto", "delta", "weight")
+#: rough sustained rates per device type: (16-bit matmul FLOP/s, fp32 matmul FLOP/s, memory bytes/s).
+#: Only their ratios matter (FLOPs per byte); an H100/H200 sits near (4e14, 4e13, 3e12).
+RATES = {"cuda": (4e14, 4e13, 3e12), "cpu": (1e11, 1e11, 1e10)}
+_ATTR = "_sv_forward_form"
+
+
+def _default_form() -> str:
+    form = os.environ.get("SPECTRAL_VISION_FORWARD", "auto").strip().lower() or "auto"
+    if form not in FORMS:
+        raise ValueError(f"SPECTRAL_VISION_FORWARD={form!r}: use one of {FORMS}")
+    return form
+
+
+def set_forward_form(module: nn.Module, form: Optional[str]) -> nn.Module:
+    """Fix the forward form of every :class:`SpectralLayer` in ``module`` (or of ``module`` itself):
+    ``"delta"``, ``"weight"``, ``"auto"``, or ``None`` for the default. Returns ``module``."""
+    from .layers import SpectralLayer
+
+    if form is not None and form not in FORMS:
+        raise ValueError(f"unknown forward form {form!r}; use one of {FORMS} or None")
+    layers = [m for m in module.modules() if isinstance(m, SpectralLayer)]
+    if not layers:
+        raise ValueError(f"{type(module).__name__} holds no SpectralLayer: attach an adapter first")
+    for layer in layers:
+        setattr(layer, _ATTR, form)
+    return module
+
+
+def forward_form(layer: nn.Module) -> str:
+    """The form ``layer`` is set to (``"auto"`` unless :func:`set_forward_form` or the env var says otherwise)."""
+    return getattr(layer, _ATTR, None) or _default_form()
+
+
+def fast_factors(delta) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B (out, R), A (R, in))`` with ``B A = ΔW``: the method's ``fast_factors`` if it has one
+    (fewer kernels, no host syncs), else its ``factors``."""
+    f = getattr(delta, "fast_factors", None)
+    return f() if f is not None else delta.factors()
+
+
+def _factor_rank(delta) -> int:
+    r = getattr(delta, "factor_rank", None)
+    return int(r) if r is not None else int(delta.cfg.rank)
+
+
+def _plain_op(layer) -> bool:
+    """True when the base layer's forward is exactly the functional op we would call (no subclass
+    that pads, standardises or quantises its weight in ``forward``)."""
+    fwd = type(layer.base_layer).forward
+    if layer.kind == "linear":
+        return fwd is nn.Linear.forward
+    if layer.kind == "conv2d":
+        return fwd is nn.Conv2d.forward
+    from .layers import _conv1d_type
+
+    return fwd is _conv1d_type().forward
+
+
+def _rows(layer, x: torch.Tensor) -> int:
+    """Number of rows ``N`` the layer's matmul sees (tokens, or output pixels of a convolution)."""
+    if layer.kind != "conv2d":
+        return x.numel() // max(x.shape[-1], 1)
+    conv = layer.base_layer
+    h, w = x.shape[-2:]
+    ho = (h + 2 * conv.padding[0] - conv.dilation[0] * (conv.kernel_size[0] - 1) - 1) // conv.stride[0] + 1
+    wo = (w + 2 * conv.padding[1] - conv.dilation[1] * (conv.kernel_size[1] - 1) - 1) // conv.stride[1] + 1
+    return (x.shape[0] if x.dim() == 4 else 1) * ho * wo
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    dev = x.device.type
+    try:
+        if torch.is_autocast_enabled(dev):
+            return torch.get_autocast_dtype(dev)
+    except (RuntimeError, TypeError):  # device types without autocast (meta, ...)
+        pass
+    return x.dtype
+
+
+def choose_form(layer, x: torch.Tensor, deltas: list) -> str:
+    """``"delta"`` or ``"weight"`` for this call (see the module docstring for the cost model)."""
+    form = forward_form(layer)
+    if form != "auto":
+        return form if form == "delta" or _plain_op(layer) else "delta"
+    if not _plain_op(layer) or x.device.type not in RATES:
+        return "delta"
+    f16, f32, bw = RATES[x.device.type]
+    size = torch.finfo(_compute_dtype(x)).bits // 8
+    flops = f16 if size == 2 else f32
+    out_f, in_f = layer.weight_shape
+    n, r = _rows(layer, x), sum(_factor_rank(d) for d in deltas)
+    train = int(torch.is_grad_enabled() and any(p.requires_grad for d in deltas for p in d.parameters()))
+    io = n * (in_f + out_f)
+    delta_cost = io * size * (3 + 5 * train) / bw + 2 * io * r * (1 + 2 * train) / flops
+    weight_cost = (2 * n * in_f * out_f * train / flops + out_f * in_f * 4 * (3 + 3 * train) / bw
+                   + 2 * out_f * in_f * r * (1 + 2 * train) / f32)
+    return "weight" if weight_cost < delta_cost else "delta"
+
+
+def _fp32_region(device_type: str):
+    """Autocast off (the weight is built in fp32 whatever autocast is on)."""
+    try:
+        if torch.is_autocast_enabled(device_type):
+            return torch.autocast(device_type, enabled=False)
+    except (RuntimeError, TypeError):
+        pass
+    return contextlib.nullcontext()
+
+
+def merged_weight(layer, names: list[str]) -> torch.Tensor:
+    """``W + Σ ΔW`` of adapters ``names`` in the base weight's layout and dtype, built in fp32 with one
+    ``addmm`` per adapter (differentiable w.r.t. the adapters' parameters)."""
+    w = layer.base_layer.weight
+    with _fp32_region(w.device.type):
+        W = layer.weight_2d()  # (out, in) fp32
+        for name in names:
+            B, A = fast_factors(layer.adapters[name])  # (out, R), (R, in)
+            W = torch.addmm(W, B, A)
+        return layer.to_base_layout(W).to(w.dtype)
+
+
+def weight_form_forward(layer, x: torch.Tensor, names: list[str]) -> torch.Tensor:
+    """The layer's own op with the rebuilt weight: ``op(x, W + Σ ΔW)`` (``x`` as the base layer takes it)."""
+    base, W = layer.base_layer, merged_weight(layer, names)
+    if layer.kind == "linear":
+        return F.linear(x, W, base.bias)
+    if layer.kind == "conv2d":
+        return base._conv_forward(x, W, base.bias)
+    out = torch.addmm(base.bias, x.reshape(-1, x.shape[-1]), W)  # transformers Conv1D: W (in, out)
+    return out.view(*x.shape[:-1], W.shape[1])
