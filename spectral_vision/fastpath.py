@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FORMS", "RATES", "set_forward_form", "forward_form", "fast_factors", "choose_form",
+__all__ = ["FORMS", "RATES", "set_forward_form", "forward_form", "fast_factors", "form_costs", "choose_form",
            "weight_form_forward", "merged_weight"]
 
 FORMS = ("auto", "delta", "weight")
@@ -108,24 +108,35 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+def form_costs(out_f: int, in_f: int, n: int, r: int, size: int, train: bool, rates: tuple) -> tuple[float, float]:
+    """Rough extra seconds of ``(delta form, weight form)`` over the frozen layer for one call.
+
+    ``n`` rows of a ``(out_f, in_f)`` layer, ``r`` factor columns, ``size`` bytes per activation element,
+    ``train``: adapter parameters need gradients; ``rates``: an entry of :data:`RATES`.
+    Delta: ``3`` (``+5`` in backward) passes over ``n (in + out)`` activations plus the thin matmuls.
+    Weight: the ``∂W = gᵀx`` matmul in backward plus building, casting and back-propagating ``W + B A``.
+    """
+    f16, f32, bw = rates
+    flops, t, io = (f16 if size == 2 else f32), int(train), n * (in_f + out_f)
+    delta = io * size * (3 + 5 * t) / bw + 2 * io * r * (1 + 2 * t) / flops
+    weight = 2 * n * in_f * out_f * t / flops + out_f * in_f * 4 * (3 + 3 * t) / bw + 2 * out_f * in_f * r * (1 + 2 * t) / f32
+    return delta, weight
+
+
 def choose_form(layer, x: torch.Tensor, deltas: list) -> str:
-    """``"delta"`` or ``"weight"`` for this call (see the module docstring for the cost model)."""
+    """``"delta"`` or ``"weight"`` for this call of ``layer`` on ``x`` with active adapters ``deltas``."""
     form = forward_form(layer)
-    if form != "auto":
-        return form if form == "delta" or _plain_op(layer) else "delta"
-    if not _plain_op(layer) or x.device.type not in RATES:
+    if form == "delta" or not _plain_op(layer):
         return "delta"
-    f16, f32, bw = RATES[x.device.type]
-    size = torch.finfo(_compute_dtype(x)).bits // 8
-    flops = f16 if size == 2 else f32
+    if form == "weight":
+        return "weight"
+    if x.device.type not in RATES:
+        return "delta"
     out_f, in_f = layer.weight_shape
-    n, r = _rows(layer, x), sum(_factor_rank(d) for d in deltas)
-    train = int(torch.is_grad_enabled() and any(p.requires_grad for d in deltas for p in d.parameters()))
-    io = n * (in_f + out_f)
-    delta_cost = io * size * (3 + 5 * train) / bw + 2 * io * r * (1 + 2 * train) / flops
-    weight_cost = (2 * n * in_f * out_f * train / flops + out_f * in_f * 4 * (3 + 3 * train) / bw
-                   + 2 * out_f * in_f * r * (1 + 2 * train) / f32)
-    return "weight" if weight_cost < delta_cost else "delta"
+    train = torch.is_grad_enabled() and any(p.requires_grad for d in deltas for p in d.parameters())
+    delta, weight = form_costs(out_f, in_f, _rows(layer, x), sum(_factor_rank(d) for d in deltas),
+                               torch.finfo(_compute_dtype(x)).bits // 8, train, RATES[x.device.type])
+    return "weight" if weight < delta else "delta"
 
 
 def _fp32_region(device_type: str):

@@ -11,7 +11,7 @@ error for every ``α`` (the strength knob scales the generator; it never blends 
 ``ΔW = (U₁ M) V₁ᵀ`` with ``M = R_U Σ₁ R_Vᵀ − Σ₁``.
 
 Fast path (training forward, every form): both rotations come from one batched, sync-free inverse,
-``R = 2 (I − αK)⁻¹ − I`` (:func:`cayley_fast`), ~8 small kernels per layer; :func:`cayley` (a solve)
+``R = 2 (I − αK)⁻¹ − I`` through a Cholesky factor (:func:`cayley_fast`), ~10 small kernels per layer; :func:`cayley` (a solve)
 stays the reference that ``delta_weight`` uses.
 """
 from __future__ import annotations
@@ -45,11 +45,17 @@ def skew_basis(r: int, device=None) -> torch.Tensor:
 
 
 def cayley_fast(params: torch.Tensor, E: torch.Tensor, r: int, alpha: float = 1.0) -> torch.Tensor:
-    """:func:`cayley` for a batch ``params (..., r(r-1)/2)`` -> ``(..., r, r)`` without host syncs:
-    ``(I − αK)⁻¹ (I + αK) = 2 (I − αK)⁻¹ − I`` (one batched ``inv_ex``, no error check)."""
+    """:func:`cayley` for a batch ``params (..., r(r-1)/2)`` -> ``(..., r, r)`` with no host sync.
+
+    ``(I − αK)⁻¹ (I + αK) = 2 (I − αK)⁻¹ − I`` and ``(I − αK)⁻¹ = (I + αK) M⁻¹`` with the SPD
+    ``M = (I − αK)(I + αK) = I − α²K²``, inverted through its Cholesky factor (``cholesky_ex`` and
+    ``solve_triangular`` never read an error flag back to the host, unlike ``solve`` / ``lu_solve``).
+    """
     eye = torch.eye(r, device=params.device, dtype=params.dtype)
-    A = torch.sub(eye.flatten(), params @ E, alpha=alpha).unflatten(-1, (r, r))  # I − αK  (..., r, r)
-    return torch.linalg.inv_ex(A).inverse * 2 - eye
+    K = (params @ E).unflatten(-1, (r, r)) * alpha  # (..., r, r) skew
+    L = torch.linalg.cholesky_ex(eye - K @ K).L  # M = L Lᵀ
+    Y = torch.linalg.solve_triangular(L, eye.expand_as(L), upper=False)  # L⁻¹, so M⁻¹ = Yᵀ Y
+    return (eye + K) @ (Y.mT @ Y) * 2 - eye
 
 
 @register_method
@@ -85,8 +91,8 @@ class SpectralAdapterR(SpectralDelta):
     factor_rank = property(lambda self: self.columns.numel())
 
     def fast_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`factors` with both rotations from one batched inverse (no ``linalg.solve`` host
-        sync, ~8 kernels per layer): ``B = U₁ M (out, r)``, ``A = V₁ᵀ (r, in)``."""
+        """:meth:`factors` with both rotations from one batched :func:`cayley_fast` (no host sync,
+        ~12 kernels per layer): ``B = U₁ M (out, r)``, ``A = V₁ᵀ (r, in)``."""
         r = self.columns.numel()
         R = cayley_fast(torch.stack([self.skew_U, self.skew_V]), self.skew_E, r, self.cfg.alpha)  # (2, r, r)
         M = torch.addmm(torch.diag(-self.S), R[0] * self.S, R[1].T)  # R_U Σ₁ R_Vᵀ − Σ₁  (r, r)
