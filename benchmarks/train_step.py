@@ -48,7 +48,8 @@ from spectral_vision.baselines import BASELINES, attach_adapter  # noqa: E402
 from spectral_vision.fastpath import set_forward_form  # noqa: E402
 from spectral_vision.fileio import atomic_write_json, atomic_write_text  # noqa: E402
 
-METHODS = ("svdiff", "spectral_a", "spectral_r", "speclora", "lorsa")  # svdiff first: fills the full-SVD cache
+METHODS = ("spectral_a", "spectral_r", "svdiff", "speclora", "lorsa")
+T0 = time.perf_counter()
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # runwayml/stable-diffusion-v1-5 unet/config.json (the fields that differ from diffusers' defaults included)
 SD15_UNET = dict(
@@ -140,12 +141,13 @@ class Runner:
 
     def compile(self, scope: str) -> None:
         if scope == "model":
-            self.fwd = torch.compile(self.model)
+            self.fwd = torch.compile(self.model, backend=self.args.compile_backend)
             return
+        # regional compilation (as diffusers' compile_repeated_blocks): identical blocks share compiled graphs
         blocks = ([b for b in self.model.blocks] if self.args.family == "vit" else
-                  [m for m in self.model.modules() if type(m).__name__ in ("BasicTransformerBlock", "ResnetBlock2D")])
-        for b in blocks:  # regional compilation: identical blocks share one compiled graph
-            b.compile()
+                  [m for m in self.model.modules() if type(m).__name__ == "BasicTransformerBlock"])
+        for b in blocks:
+            b.compile(backend=self.args.compile_backend)
 
     def step(self) -> None:
         x = self.inputs["x"]
@@ -190,13 +192,22 @@ def peak_memory(runner: Runner, device: str):
     return (runner.persistent_bytes() + torch.cuda.max_memory_allocated() - before) / 2**20
 
 
-def measure(runners: dict, args, label: str) -> dict:
-    """Warm-up, interleaved timed rounds, then one memory step per variant; returns per-variant stats."""
-    t0 = time.perf_counter()
-    for r in runners.values():  # warm-up (and compilation)
+def measure(runners: dict, args, label: str, compile_scope=None) -> dict:
+    """Warm-up (and compilation), interleaved timed rounds, then one memory step per variant; returns
+    per-variant stats. Variants that would start after ``--time_budget`` are skipped (and listed)."""
+    t0, skipped = time.perf_counter(), []
+    for v, r in list(runners.items()):
+        if args.time_budget and time.perf_counter() - T0 > args.time_budget:
+            skipped.append(v)
+            continue
+        if compile_scope:
+            r.compile(compile_scope)
         for _ in range(args.warmup):
             r.step()
-    sync(args.device)
+        sync(args.device)
+    runners = {v: r for v, r in runners.items() if v not in skipped}
+    if skipped:
+        print(f"[{label}] time budget: skipped {skipped}", flush=True)
     warm_s = time.perf_counter() - t0
     times = {v: [] for v in runners}
     for _ in range(args.steps):
@@ -211,12 +222,12 @@ def measure(runners: dict, args, label: str) -> dict:
         for key, base in (("x_lora", ref), ("x_floor", "floor"), ("x_full", "full")):
             out[v][key] = out[v]["step_ms"] / out[base]["step_ms"] if base in out else None
     print(f"[{label}] warm-up {warm_s:.1f}s, {args.steps} interleaved rounds", flush=True)
-    return out
+    return {**out, **{v: {"skipped": "time budget"} for v in skipped}}
 
 
 @torch.no_grad()
 def merged_inference(base_runner: Runner, method_runner: Runner, args) -> dict:
-    """Merged-adapter inference vs the base model (same forward, so ≈ 1.00x)."""
+    """Merged-adapter inference vs the base model (same forward, so ≈ 1.00x); unmerges afterwards."""
     sv.merge(method_runner.model)
     models = {"base": base_runner.model.eval(), "merged": method_runner.model.eval()}
     x, t = method_runner.inputs["x"], {k: [] for k in models}
@@ -230,6 +241,9 @@ def merged_inference(base_runner: Runner, method_runner: Runner, args) -> dict:
             sync(args.device)
             t[k].append(time.perf_counter() - t0)
     mb, mm = statistics.median(t["base"][1:]), statistics.median(t["merged"][1:])
+    sv.unmerge(method_runner.model)
+    for m in models.values():
+        m.train()
     return {"method": method_runner.name, "base_ms": 1000 * mb, "merged_ms": 1000 * mm, "ratio": mm / mb}
 
 
@@ -241,6 +255,9 @@ def table(res: dict, label: str) -> str:
         return "" if v is None else format(v, spec)
 
     for v, s in res.items():
+        if "skipped" in s:
+            lines.append(f"| {v} | skipped ({s['skipped']}) | | | | | |")
+            continue
         lines.append(f"| {v} | {s['trainable']:,} | {s['step_ms']:.1f} | {f(s['x_lora'], '.2f')} | "
                      f"{f(s['x_floor'], '.2f')} | {f(s['x_full'], '.2f')} | {f(s['peak_mib'], '.0f')} |")
     return "\n".join(lines)
@@ -268,9 +285,12 @@ def parse_args(argv=None):
     g.add_argument("--compile", action="store_true", help="same as --runs compile")
     g.add_argument("--compile_scope", choices=["blocks", "model"], default="blocks",
                    help="torch.compile the repeated blocks (fast to compile) or the whole model")
+    g.add_argument("--compile_backend", default="inductor", help="torch.compile backend (aot_eager: CPU tests)")
     g.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing (timm / diffusers)")
     g.add_argument("--warmup", type=int, default=10)
     g.add_argument("--steps", type=int, default=15, help="timed steps per variant (interleaved rounds)")
+    g.add_argument("--time_budget", type=float, default=None,
+                   help="seconds since start after which no further variant is warmed up / compiled (skipped)")
     g.add_argument("--threads", type=int, default=None)
     g.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     g.add_argument("--tag", default="", help="suffix of the output file names")
@@ -297,12 +317,15 @@ def parse_args(argv=None):
 def main(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
-    variants = ["floor", *([] if args.no_full else ["full"]), *[f"peft_{b}" for b in args.baselines], *args.methods,
-                *[f"{m}:{f}" for f in args.forms for m in args.methods]]
+    # priority order (a --time_budget cut drops the last ones): floor, LoRA, ^A, ^R, full FT, the rest
+    variants = ["floor", *[f"peft_{b}" for b in args.baselines], *args.methods[:2], *([] if args.no_full else ["full"]),
+                *args.methods[2:], *[f"{m}:{f}" for f in args.forms for m in args.methods]]
     t0 = time.perf_counter()
     base = build_base(args)
     inputs = make_inputs(args, torch.Generator().manual_seed(1))
-    runners = {v: Runner(v, make_variant(base, v, args), args, inputs) for v in variants}
+    order = sorted(variants, key=lambda v: not v.startswith("svdiff"))  # svdiff first: fills the full-SVD cache
+    built = {v: make_variant(base, v, args) for v in order}
+    runners = {v: Runner(v, built[v], args, inputs) for v in variants}
     build_s = time.perf_counter() - t0
     dev_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     meta = {"model": args.model, "device": args.device, "device_name": dev_name, "dtype": args.dtype,
@@ -321,24 +344,21 @@ def main(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     stem = f"train_step_{args.model}_{args.device.split(':')[0]}_{args.dtype}{args.tag}"
     for run in args.runs:
-        if run == "compile":
-            for r in runners.values():
-                r.compile(args.compile_scope)
         label = run if run == "eager" else f"torch.compile ({args.compile_scope})"
-        res = measure(runners, args, label)
+        todo = runners if run == "eager" else {v: r for v, r in runners.items() if ":" not in v}  # forms: eager only
+        res = measure(todo, args, label, args.compile_scope if run == "compile" else None)
         result["runs"][run] = res
         md += [table(res, label), ""]
         print(table(res, label), "\n", flush=True)
+        which = "spectral_a" if "spectral_a" in res else next((m for m in args.methods if m in res), None)
+        if run == "eager" and which is not None and "skipped" not in res[which] and "skipped" not in res["floor"]:
+            result["merged_inference"] = inf = merged_inference(runners["floor"], runners[which], args)
+            line = (f"merged {inf['method']} inference / base inference: {inf['ratio']:.2f}x "
+                    f"({inf['merged_ms']:.1f} vs {inf['base_ms']:.1f} ms)")
+            md += [line, ""]
+            print(line, flush=True)
         atomic_write_json(out / f"{stem}.json", result)  # after every run: a timeout keeps what was measured
-    which = "spectral_a" if "spectral_a" in runners else next((m for m in args.methods if m in runners), None)
-    if which is not None and "eager" in args.runs:
-        result["merged_inference"] = inf = merged_inference(runners["floor"], runners[which], args)
-        line = (f"merged {inf['method']} inference / base inference: {inf['ratio']:.2f}x "
-                f"({inf['merged_ms']:.1f} vs {inf['base_ms']:.1f} ms)")
-        md.append(line)
-        print(line, flush=True)
-    atomic_write_json(out / f"{stem}.json", result)
-    atomic_write_text(out / f"{stem}.md", "\n".join(md) + "\n")
+        atomic_write_text(out / f"{stem}.md", "\n".join(md) + "\n")
     print(f"wrote {out / stem}.{{md,json}}", flush=True)
     return result
 
