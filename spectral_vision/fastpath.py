@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FORMS", "RATES", "set_forward_form", "forward_form", "fast_factors", "form_costs", "choose_form",
-           "weight_form_forward", "merged_weight"]
+__all__ = ["FORMS", "RATES", "DEFAULT_FORM", "set_default_form", "set_forward_form", "forward_form", "fast_factors",
+           "form_costs", "choose_form", "weight_form_forward", "merged_weight"]
 
 FORMS = ("auto", "delta", "weight")
 #: rough sustained rates per device type: (16-bit matmul FLOP/s, fp32 matmul FLOP/s, memory bytes/s).
@@ -35,11 +35,20 @@ RATES = {"cuda": (4e14, 4e13, 3e12), "cpu": (1e11, 1e11, 1e10)}
 _ATTR = "_sv_forward_form"
 
 
-def _default_form() -> str:
-    form = os.environ.get("SPECTRAL_VISION_FORWARD", "auto").strip().lower() or "auto"
+def _check(form: str) -> str:
     if form not in FORMS:
-        raise ValueError(f"SPECTRAL_VISION_FORWARD={form!r}: use one of {FORMS}")
+        raise ValueError(f"unknown forward form {form!r}; use one of {FORMS}")
     return form
+
+
+#: the form of layers without their own setting (``$SPECTRAL_VISION_FORWARD``, read once at import)
+DEFAULT_FORM = _check(os.environ.get("SPECTRAL_VISION_FORWARD", "auto").strip().lower() or "auto")
+
+
+def set_default_form(form: str) -> None:
+    """Set the form of every layer that has no form of its own (:func:`set_forward_form`)."""
+    global DEFAULT_FORM
+    DEFAULT_FORM = _check(form)
 
 
 def set_forward_form(module: nn.Module, form: Optional[str]) -> nn.Module:
@@ -47,8 +56,8 @@ def set_forward_form(module: nn.Module, form: Optional[str]) -> nn.Module:
     ``"delta"``, ``"weight"``, ``"auto"``, or ``None`` for the default. Returns ``module``."""
     from .layers import SpectralLayer
 
-    if form is not None and form not in FORMS:
-        raise ValueError(f"unknown forward form {form!r}; use one of {FORMS} or None")
+    if form is not None:
+        _check(form)
     layers = [m for m in module.modules() if isinstance(m, SpectralLayer)]
     if not layers:
         raise ValueError(f"{type(module).__name__} holds no SpectralLayer: attach an adapter first")
@@ -59,7 +68,7 @@ def set_forward_form(module: nn.Module, form: Optional[str]) -> nn.Module:
 
 def forward_form(layer: nn.Module) -> str:
     """The form ``layer`` is set to (``"auto"`` unless :func:`set_forward_form` or the env var says otherwise)."""
-    return getattr(layer, _ATTR, None) or _default_form()
+    return getattr(layer, _ATTR, None) or DEFAULT_FORM
 
 
 def fast_factors(delta) -> tuple[torch.Tensor, torch.Tensor]:

@@ -366,11 +366,11 @@ def test_bf16_autocast_and_bf16_base(form):
         torch.testing.assert_close(yb.float(), ref, atol=0.05, rtol=0.02)
 
 
-@pytest.mark.parametrize("form", ["delta", "weight"])
+@pytest.mark.parametrize("form", [pytest.param("delta", marks=pytest.mark.slow), "weight", "auto"])
 def test_compile_and_checkpointing_every_method(form):
     """All five methods on one small MLP (one adapter each on alternating layers): torch.compile
-    (fullgraph, aot_eager: dynamo + AOTAutograd, no C++ build) and non-reentrant gradient
-    checkpointing give the eager loss and gradients."""
+    (fullgraph, so no graph break; aot_eager: dynamo + AOTAutograd without a C++ build) and
+    non-reentrant gradient checkpointing give the eager loss and gradients; ``auto`` also under autocast."""
     from torch.utils.checkpoint import checkpoint
 
     torch.manual_seed(0)
@@ -380,7 +380,7 @@ def test_compile_and_checkpointing_every_method(form):
         sv.attach(model, sv.SpectralConfig(method=method, rank=3, target_modules=[str(2 * i)], **opts),
                   adapter_name=method, progress=False)
     perturb(model, std=0.2)
-    fastpath.set_forward_form(model, form)
+    fastpath.set_forward_form(model, None if form == "auto" else form)
     x = torch.randn(6, 24)
     ref = _grads(model, model, x)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
@@ -388,6 +388,9 @@ def test_compile_and_checkpointing_every_method(form):
     for fn in (compiled, ckpt):
         for g, r in zip(_grads(model, fn, x), ref):
             torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-5)
+    if form == "auto":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.testing.assert_close(compiled(x), model(x))
 
 
 # ---- CUDA (run on a GPU machine: pytest -m cuda) ----------------------------------------------------------
