@@ -216,7 +216,9 @@ class LayerGeometry:
 
     def adapter_forward(self, x: torch.Tensor, delta) -> torch.Tensor:
         """``Δ(x)`` of one adapter (a :class:`~spectral_vision.methods.base.SpectralDelta`)."""
-        B, A = delta.factors()
+        from .fastpath import fast_factors  # the method's sync-free factors where it has them
+
+        B, A = fast_factors(delta)
         return self.delta_forward(x, B, A)
 
     def forward_with_weight(self, weight: torch.Tensor, *args, **kwargs):

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .config import SpectralConfig
+from .fastpath import choose_form, weight_form_forward
 from .geometry import geometry_for, layer_kind
 from .methods.base import SpectralDelta, get_method
 from .svd import decompose, sigma_fingerprint
@@ -164,6 +165,8 @@ class SpectralLayer(nn.Module):
             w = self.weight
             return g.forward_with_weight((w.float() + g.from_2d(self.delta_weight(pending))).to(w.dtype),
                                          x, *args, **kwargs)
+        if not (args or kwargs) and choose_form(self, x, [self.adapters[n] for n in pending]) == "weight":
+            return weight_form_forward(self, x, pending)  # op(x, W + ΔW): see spectral_vision.fastpath
         y = self.base_layer(x, *args, **kwargs)
         for name in pending:
             y = y + g.adapter_forward(x, self.adapters[name])

@@ -103,3 +103,6 @@ class LoRSA(SpectralDelta):
         B = torch.cat([self.U, self.P], dim=1) @ self.core()  # (out, |S|+r_p)
         A = torch.cat([self.V, self.Q], dim=1).T  # (|S|+r_p, in)
         return B, A
+
+    #: columns of :meth:`factors` (the forward-form cost model reads it)
+    factor_rank = property(lambda self: self.columns.numel() + self.opts.proj_rank)

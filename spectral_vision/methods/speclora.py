@@ -97,3 +97,6 @@ class SpecLoRA(SpectralDelta):
         B = torch.cat([E, (a * self.scaling) * self.lora_B], dim=1)  # (out, k + r)
         A = torch.cat([F.pad(self.W_k, (0, self.in_features - self.k)), self.lora_A], dim=0)  # (k + r, in)
         return B, A
+
+    #: columns of :meth:`factors` (the forward-form cost model reads it)
+    factor_rank = property(lambda self: self.k + self.lora_A.shape[0])

@@ -36,3 +36,6 @@ class SpectralAdapterA(SpectralDelta):
         B = torch.cat([self.A_U * s, self.U * s], dim=1)  # (out, 2r)
         A = torch.cat([self.V + self.A_V, self.A_V], dim=1).T  # (2r, in)
         return B, A
+
+    #: columns of :meth:`factors` (the forward-form cost model reads it)
+    factor_rank = property(lambda self: 2 * self.columns.numel())

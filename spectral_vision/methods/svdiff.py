@@ -44,3 +44,6 @@ class SVDiff(SpectralDelta):
 
     def factors(self):
         return self.U * self.shift(), self.V.T  # (out, n), (n, in)
+
+    #: columns of :meth:`factors` (the forward-form cost model reads it)
+    factor_rank = property(lambda self: self.columns.numel())
