@@ -19,7 +19,8 @@ from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline: no telemetry calls
 
-from .sessions import MAX_CONCEPTS, MODES, AppConfig, PipelineCache, Session, SessionStore  # noqa: E402
+from .sessions import MAX_CONCEPTS, MODES, AppConfig, PipelineCache, Session  # noqa: E402
+from .store import SessionStore  # noqa: E402
 from .uploads import check_base, parse_seeds  # noqa: E402
 from .views import (  # noqa: E402
     builtin_concept_folders, concept_rows, default_model, default_prompt, interference_rows, list_concept_folders,

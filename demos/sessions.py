@@ -8,8 +8,7 @@
 * Concepts are loaded with :func:`fusion.fuse.load_concepts` (all checks of ``load_adapter``); a
   fusion is a named adapter (:func:`fusion.add_fused_adapter`) cached per selection (concepts,
   strengths, mode), so one Generate fuses at most once, and a second click with the same selection not at all.
-* :class:`SessionStore` bounds the number of live sessions (least recently used closed first) and
-  expires idle ones; the browser keeps only a session id.
+* :class:`demos.store.SessionStore` bounds the number of live sessions and expires idle ones.
 """
 from __future__ import annotations
 
@@ -38,7 +37,7 @@ from fusion.record import activate
 from .uploads import check_allowed, check_base, stage_upload
 from .views import Concept, GenerateResult, for_display, rename_report
 
-__all__ = ["AppConfig", "PipelineCache", "Session", "SessionStore", "shared_copy", "MAX_CONCEPTS", "MODES"]
+__all__ = ["AppConfig", "PipelineCache", "Session", "shared_copy", "MAX_CONCEPTS", "MODES"]
 
 MAX_CONCEPTS = 6  # strength sliders in the UI
 Progress = Callable[[float, str], None]
@@ -358,46 +357,3 @@ class Session:
             sv1 = decompose(W0 + h.delta(f.adapter), method="exact", cache=False).S
             bands = {n: c.columns[layer] for n, c in self.concepts.items() if layer in c.columns}
         return sv0.cpu(), sv1.cpu(), bands
-
-
-class SessionStore:
-    """Live sessions by id: at most ``config.max_sessions`` (least recently used closed first), idle ones
-    closed after ``config.session_ttl_s``. ``clock`` is injectable for tests."""
-
-    def __init__(self, config: AppConfig, cache: PipelineCache, clock: Callable[[], float] = time.monotonic):
-        self.config, self.cache, self.clock = config, cache, clock
-        self._sessions: OrderedDict[str, tuple[Session, float]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def __len__(self) -> int:
-        return len(self._sessions)
-
-    def _expire(self) -> None:
-        now = self.clock()
-        for sid, (s, t) in list(self._sessions.items()):
-            if now - t > self.config.session_ttl_s:
-                self._sessions.pop(sid)
-                s.close()
-
-    def open(self, sid: Optional[str] = None) -> tuple[Session, str]:
-        """``(session, note)``: session ``sid`` (marked as used), or a new one; ``note`` says why it is new."""
-        with self._lock:
-            self._expire()
-            if sid in self._sessions:
-                self._sessions.move_to_end(sid)
-                s = self._sessions[sid][0]
-                self._sessions[sid] = (s, self.clock())
-                return s, ""
-        s = Session(self.config, self.cache)  # outside the lock: loading concepts takes a moment
-        with self._lock:
-            self._sessions[s.id] = (s, self.clock())
-            while len(self._sessions) > self.config.max_sessions:
-                _, (old, _) = self._sessions.popitem(last=False)
-                old.close()
-        return s, ("" if sid is None else "your previous session expired: started a new one")
-
-    def close(self, sid: Optional[str]) -> None:
-        with self._lock:
-            got = self._sessions.pop(sid, None) if sid else None
-        if got:
-            got[0].close()

@@ -28,7 +28,7 @@ import spectral_vision as sv
 
 from .backends import all_layers, backends
 from .bands import OverlapReport, find_overlaps
-from .compose import CLOSED_FORM, check_weights, coefficient, dense_factors, layer_factors, method_concat
+from .compose import check_weights, coefficient, dense_factors, layer_factors, method_concat
 from .metrics import InterferenceReport, interference
 from .record import activate, least_squares_weights, record_grams
 

@@ -111,9 +111,10 @@ class InterferenceReport:
                                                                "disjoint bands"))
         for c in self.concepts:
             v = o["own_output_change"].get(c, float("nan"))
-            verdict = ("kept" if v < t["own_change_kept"] else "largely overwritten"
-                       if v > t["own_change_overwritten"] else "changed")
-            lines.append(f"{c}: own output change {v:.3f} ({verdict}; < {t['own_change_kept']} kept), "
+            verdict = (f"kept: < {t['own_change_kept']}" if v < t["own_change_kept"] else
+                       f"largely overwritten: > {t['own_change_overwritten']}" if v > t["own_change_overwritten"]
+                       else f"changed: {t['own_change_kept']}-{t['own_change_overwritten']}")
+            lines.append(f"{c}: own output change {v:.3f} ({verdict}), "
                          f"in its own directions {o['own_direction_change'].get(c, float('nan')):.3f}")
         return "\n".join(lines)
 

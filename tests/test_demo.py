@@ -16,7 +16,8 @@ import torch
 import spectral_vision as sv
 from tests.conftest import perturb
 
-from demos.sessions import AppConfig, PipelineCache, Session, SessionStore
+from demos.sessions import AppConfig, PipelineCache, Session
+from demos.store import SessionStore
 from demos.uploads import check_allowed, check_base, parse_seeds, stage_upload
 from demos.views import (
     builtin_concept_folders, concept_rows, default_prompt, interference_rows, list_concept_folders, spectrum_figure,
