@@ -149,7 +149,8 @@ def build_app(config: AppConfig, store: SessionStore, base_choices: list[str], c
         try:
             s, note = store.open(sid)
             if note:
-                raise ValueError(note + ": add concepts again")
+                gr.Warning(note)
+                return [s.id, f"{note}: add concepts again", *keep]
             w = dict(zip(s.concepts, strengths))
             r = s.generate(prompt, parse_seeds(seeds, config.max_seeds), steps, guidance, mode, w, allow, base,
                            progress=lambda f, d: progress(f, desc=d))
