@@ -37,7 +37,7 @@ from spectral_vision.svd import decompose
 __all__ = ["spaces", "principal_angles", "interference", "InterferenceReport", "LEGEND", "THRESHOLDS"]
 
 #: rule-of-thumb thresholds used in the explanations (the JSON carries them too)
-THRESHOLDS = {"own_change_kept": 0.1, "own_change_overwritten": 0.5, "cos2_shared": 0.5}
+THRESHOLDS = {"crosstalk_little": 0.1, "crosstalk_strong": 0.5, "cos2_shared": 0.5}
 
 LEGEND = {
     "shared_band_columns": "singular columns (band indices) both concepts adapt on a layer; 0 = disjoint bands. "
@@ -48,9 +48,10 @@ LEGEND = {
     "input_subspace_cos2": "the same for the input directions the deltas read (row spaces)",
     "output_subspace_cos2_chance": "what two random subspaces of the same sizes give: max(k_i, k_j) / out",
     "min_angle_deg": "smallest principal angle between the two concepts' subspaces (90 = orthogonal)",
-    "own_output_change": "||(W_fused - W_alone_i) X_i|| / ||dW_i X_i||: how much fusion changes concept i's layer "
-                         f"output on its own inputs; < {THRESHOLDS['own_change_kept']} kept, "
-                         f"> {THRESHOLDS['own_change_overwritten']} largely overwritten",
+    "own_output_change": "||(W_fused - W_alone_i) X_i|| / ||dW_i X_i||: how much fusion (the other concepts) changes "
+                         "concept i's layer outputs on its own inputs, relative to its own effect; "
+                         f"< {THRESHOLDS['crosstalk_little']} little crosstalk, "
+                         f"> {THRESHOLDS['crosstalk_strong']} strong",
     "own_direction_change": "the same error projected on concept i's own output directions (0 for disjoint ^R)",
 }
 
@@ -110,12 +111,12 @@ class InterferenceReport:
                                                                "; expected for additive methods (^A, LoRA) even on "
                                                                "disjoint bands"))
         for c in self.concepts:
-            v = o["own_output_change"].get(c, float("nan"))
-            verdict = (f"kept: < {t['own_change_kept']}" if v < t["own_change_kept"] else
-                       f"largely overwritten: > {t['own_change_overwritten']}" if v > t["own_change_overwritten"]
-                       else f"changed: {t['own_change_kept']}-{t['own_change_overwritten']}")
-            lines.append(f"{c}: own output change {v:.3f} ({verdict}), "
-                         f"in its own directions {o['own_direction_change'].get(c, float('nan')):.3f}")
+            v, vd = o["own_output_change"].get(c, float("nan")), o["own_direction_change"].get(c, float("nan"))
+            level = ("little" if v < t["crosstalk_little"] else "strong" if v > t["crosstalk_strong"]
+                     else "moderate")
+            lines.append(f"{c}: fusion changes its layer outputs by {v:.3f} of its own effect ({level} crosstalk; "
+                         f"< {t['crosstalk_little']} little, > {t['crosstalk_strong']} strong); in its own "
+                         f"output directions by {vd:.3f}" + (" (kept)" if vd < t["crosstalk_little"] else ""))
         return "\n".join(lines)
 
     def table(self, max_layers: int = 12) -> str:
@@ -157,7 +158,7 @@ class InterferenceReport:
         for k, c in enumerate(self.concepts):
             ax.bar(x + k * width, [self.layers[n]["own_output_change"].get(c, 0.0) for n in names], width, label=c)
         ax.plot(x, [self.layers[n]["output_subspace_cos2"] for n in names], "k.", label="output-subspace cos²")
-        ax.axhline(THRESHOLDS["own_change_kept"], color="gray", lw=0.8, ls="--", label="kept below")
+        ax.axhline(THRESHOLDS["crosstalk_little"], color="gray", lw=0.8, ls="--", label="little crosstalk below")
         ax.set_xlabel("layer")
         ax.set_ylabel("own output change / cos²")
         ax.set_xticks(x[:: max(1, len(names) // 20)])
