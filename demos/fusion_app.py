@@ -263,15 +263,21 @@ def main(args: argparse.Namespace) -> None:
     choices = list(dict.fromkeys([model, *sorted(BUILTIN_PIPELINES)]))
     cache = PipelineCache(config.device)
     try:
-        cache.get(check_base(model, model, config.model_dirs))  # load the default base before serving
+        base = check_base(model, model, config.model_dirs)
     except ValueError as e:
         sys.exit(f"error: {e}")
     app, style = build_app(config, SessionStore(config, cache), choices, args.concurrency)
+    # serve first (Gradio's 3 s self-check of the local URL), then load the default base before announcing it
+    app.launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size="200mb",
+               footer_links=[], quiet=True, prevent_thread_lock=True, **style)
+    try:
+        cache.get(base)
+    except ValueError as e:
+        app.close()
+        sys.exit(f"error: {e}")
     print(f"base {model}; concepts from {[str(d) for d in config.concepts_dirs]}; uploads staged in {upload}"
           + (f"; preloaded {[p.name for p in preload]}" if preload else "") + (f"\nnote: {note}" if note else ""),
           flush=True)
-    app.launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size="200mb",
-               footer_links=[], quiet=True, prevent_thread_lock=True, **style)
     print(f"running on {app.local_url}" + (f" and {app.share_url}" if args.share else
                                            " (for a public link, restart with --share)"), flush=True)
     app.block_thread()
