@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 import re
 import shutil
 import threading
@@ -189,6 +190,12 @@ class Session:
             raise ValueError(f"concept {name!r} ({folder}) is already added")
         if len(self.concepts) >= MAX_CONCEPTS:
             raise ValueError(f"at most {MAX_CONCEPTS} concepts; remove one first")
+        for f in [folder / "adapter_config.json"] + [folder / c / "adapter_config.json" for c in COMPONENTS]:
+            try:
+                f.is_file() and json.loads(f.read_text())
+            except (ValueError, UnicodeDecodeError) as e:
+                raise sv.AdapterFileError(f"{f.relative_to(folder.parent)} is not a valid spectral_vision adapter "
+                                          f"config (not JSON: {e})") from None
         parts = concept_parts(self.base, folder)
         if "lora_file" in parts:
             raise ValueError(f"{folder} holds only LoRA .safetensors files; the demo fuses spectral_vision adapter "

@@ -197,6 +197,9 @@ def test_bad_inputs_leave_the_session_intact(env, tmp_path):
         s.add_upload([tmp_path / "adapter_config.json", tmp_path / "adapter_model.safetensors"], "broken")
     assert not any(s.upload_dir.iterdir())
     assert list(s.concepts) == ["cat"] and sv.adapter_names(s.work) == keys
+    (tmp_path / "adapter_config.json").write_text("not an adapter")  # not JSON: a clear refusal, not a raw error
+    with pytest.raises(sv.AdapterFileError, match="not a valid spectral_vision adapter config"):
+        s.add_upload([tmp_path / "adapter_config.json", tmp_path / "adapter_model.safetensors"], "bogus")
     # overlapping bands: added, reported, refused by spectral fusion unless allowed
     s.add_concept(root / "clash")
     rows = concept_rows(s.concepts, s.overlap())[1]
