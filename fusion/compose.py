@@ -1,94 +1,114 @@
-"""Spectral fusion as **one ordinary adapter**: the concatenation of the concepts' bands.
+"""Per-layer composition of the closed-form modes, as exact low-rank factors.
 
-Concepts on disjoint bands compose exactly into a single adapter of the same method whose columns
-are the concepts' columns one after the other (per layer), rank ``R = Σ rᵢ``:
+``weights`` have **one meaning** in every mode: ``wᵢ`` is concept ``i``'s strength, so each concept
+enters as its delta at that strength, ``ΔWᵢ(wᵢ) = delta(name, scale=wᵢ)`` (``alpha·wᵢ``: a multiple
+of ΔW for linear methods and PEFT LoRA; ^R scales its Cayley generator). The modes then differ only
+in how they combine these deltas (``N`` concepts):
 
-* ^R (``spectral_r``): the fused rotation is block-diagonal, ``R_U = diag(R_U¹, R_U², …)``. The Cayley
-  map of a block-diagonal skew matrix is the block-diagonal of the blocks' Cayley maps, so the
-  fused skew parameters are the concepts' ones placed on the diagonal blocks, each multiplied by
-  ``αᵢ·wᵢ`` (the fused adapter has ``alpha = 1``). Exact for any strengths ``wᵢ``.
-* ^A (``spectral_a``): ``(U + A_U) Σ (V + A_V)ᵀ − U Σ Vᵀ`` is a sum over columns, so ``A_U``, ``A_V``
-  are concatenated; exact when every concept has the same ``αᵢ·wᵢ`` (which becomes the fused
-  ``alpha``); other strengths make the delta non-linear in the parameters and are refused (fuse into
-  merged weights instead).
+==================  ======================================  =======================================
+mode                fused ``W``                             notes
+==================  ======================================  =======================================
+``spectral``        ``W₀ + Σᵢ ΔWᵢ(wᵢ)``                     bands must be disjoint (checked); ^R:
+                                                            every singular value of ``W₀`` is kept
+``lora_sum``        ``W₀ + Σᵢ ΔWᵢ(wᵢ)``                     no band check; PEFT LoRA concepts too
+``mean``            ``W₀ + (1/N) Σᵢ ΔWᵢ(wᵢ)``               official Spectral Adapter average
+``weighted``        ``W₀ + Σᵢ ΔWᵢ(wᵢ) / Σⱼ wⱼ``             official weighted average (linear methods)
+``least_squares``   see :mod:`fusion.record`                targets ``W₀ + ΔWᵢ(wᵢ)``
+==================  ======================================  =======================================
 
-The fused adapter is saved with :func:`spectral_vision.save_adapter` and loads anywhere a concept
-does. Its basis is recomputed from the base at load time: identical to the concepts' when their
-SVD was exact (layers with min(out, in) ≤ 1024 under ``svd="auto"``, or ``svd="exact"``); with
-randomized SVD it agrees to that algorithm's accuracy.
+Each closed-form mode is ``W₀ + B A`` with ``B = [c·B₁, c·B₂, …]``, ``A = [A₁; A₂; …]`` (the concepts'
+exact factors at their strengths, ``c`` the mode's coefficient), so the fused adapter is exact.
+In spectral mode a method that can hold the sum itself (:meth:`spectral_vision.SpectralDelta.concat`:
+^R's block-diagonal rotations, ^A's side-by-side vectors) keeps its own parameterisation.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
-from torch import nn
 
 import spectral_vision as sv
 
-__all__ = ["fused_adapter", "COMPOSABLE"]
+__all__ = ["CLOSED_FORM", "coefficient", "check_weights", "layer_factors", "dense_factors", "method_concat"]
 
-COMPOSABLE = ("spectral_r", "spectral_a")
+CLOSED_FORM = ("spectral", "lora_sum", "mean", "weighted")
 
 
-def _block_skew(params: Sequence[torch.Tensor], sizes: Sequence[int], scales: Sequence[float]) -> torch.Tensor:
-    """Skew parameters ``(R(R-1)/2,)`` of the block-diagonal generator (core's ``cayley`` layout)."""
-    R = sum(sizes)
-    T = torch.zeros(R, R)
-    o = 0
-    for p, r, s in zip(params, sizes, scales):
-        iu = torch.triu_indices(r, r, offset=1)
-        T[o + iu[0], o + iu[1]] = s * p.detach().float()
-        o += r
-    iu = torch.triu_indices(R, R, offset=1)
-    return T[iu[0], iu[1]]
+def check_weights(weights: Optional[Sequence[float]], n: int) -> list[float]:
+    """Per-concept strengths (default 1 each): ``n`` finite numbers, else ``ValueError``."""
+    if weights is None:
+        return [1.0] * n
+    try:
+        w = [float(x) for x in weights]
+    except (TypeError, ValueError):
+        raise ValueError(f"weights must be numbers, got {list(weights)!r}") from None
+    if len(w) != n:
+        raise ValueError(f"{len(w)} weights for {n} concepts")
+    bad = [x for x in w if not math.isfinite(x)]
+    if bad:
+        raise ValueError(f"weights must be finite numbers, got {w}")
+    return w
+
+
+def coefficient(mode: str, weights: Sequence[float]) -> float:
+    """The factor ``c`` of the summed deltas in a closed-form mode (see the table above)."""
+    if mode in ("spectral", "lora_sum"):
+        return 1.0
+    if mode == "mean":
+        return 1.0 / len(weights)
+    if mode == "weighted":
+        total = float(sum(weights))
+        if total == 0:
+            raise ValueError("weighted mode needs weights with a non-zero sum")
+        return 1.0 / total
+    raise ValueError(f"mode {mode!r} has no closed form")
 
 
 @torch.no_grad()
-def fused_adapter(model: nn.Module, names: Sequence[str], weights: Optional[Sequence[float]] = None,
-                  adapter_name: str = "fused") -> sv.SpectralConfig:
-    """Add adapter ``adapter_name`` to ``model``: the exact composition of concepts ``names``.
+def layer_factors(handle, present: Sequence[str], strength: dict[str, float], c: float):
+    """``(B (out, R), A (R, in))`` of ``c · Σᵢ ΔWᵢ(wᵢ)`` over the concepts ``present`` on one layer."""
+    Bs, As = [], []
+    for n in present:
+        B, A = handle.factors(n, strength[n])
+        Bs.append(c * B.float())
+        As.append(A.float())
+    return torch.cat(Bs, dim=1), torch.cat(As, dim=0)
 
-    The concepts must be spectral_vision adapters of one method in :data:`COMPOSABLE`, on disjoint
-    columns in every layer. Returns the fused adapter's config; save it with ``sv.save_adapter``.
+
+def dense_factors(D: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact factors of a dense ``D (out, in)``: ``(I, D)`` or ``(D, I)``, rank ``min(out, in)``."""
+    out_f, in_f = D.shape
+    if out_f <= in_f:
+        return torch.eye(out_f, dtype=D.dtype, device=D.device), D
+    return D, torch.eye(in_f, dtype=D.dtype, device=D.device)
+
+
+def method_concat(layers: Sequence[tuple], strength: dict[str, float]):
+    """The spectral-mode fusion as one adapter of the concepts' own method, or ``None``.
+
+    ``layers``: ``(spectral handle, concepts present)``. Returns ``(cfg, columns, states)`` for
+    :meth:`fusion.backends.SpectralBackend.write_method` when every concept is an adapter of one
+    method whose :meth:`~spectral_vision.SpectralDelta.concat` holds the sum on every layer with one alpha.
     """
-    from .bands import find_overlaps
-
-    weights = [1.0] * len(names) if weights is None else [float(w) for w in weights]
-    cfgs = [sv.adapter_config(model, n) for n in names]
-    methods = {c.method for c in cfgs}
-    if len(methods) != 1 or not methods <= set(COMPOSABLE):
-        raise ValueError(f"one adapter can hold concepts of a single method in {COMPOSABLE}; got {sorted(methods)}")
-    method = methods.pop()
-    scales = [c.alpha * w for c, w in zip(cfgs, weights)]
-    if method == "spectral_a" and len(set(scales)) > 1:
-        raise ValueError(f"spectral_a concepts with different alpha*weight {scales} are not one adapter: "
-                         "fuse them into merged weights (fusion.fuse) instead")
-    layers = [(ln, l) for ln, l in sv.spectral_layers(model) if any(n in l.adapters for n in names)]
-    cols = {n: {ln: l.adapters[n].columns.tolist() for ln, l in layers if n in l.adapters} for n in names}
-    overlap = find_overlaps(cols)
-    if not overlap.ok:
-        raise ValueError("overlapping concepts cannot be composed into one adapter: " + overlap.explain())
-    columns = {ln: [c for n in names if n in l.adapters for c in l.adapters[n].columns.tolist()] for ln, l in layers}
+    classes = {type(h.adapter(n)) for h, present in layers for n in present}
+    if len(classes) != 1:
+        return None
+    cls = classes.pop()
+    alphas, columns, states = set(), {}, {}
+    for h, present in layers:
+        got = cls.concat([h.adapter(n) for n in present], [strength[n] for n in present])
+        if got is None:
+            return None
+        alphas.add(got[0])
+        columns[h.name] = [c for n in present for c in h.columns(n)]
+        states[h.name] = got[1]
+    if len(alphas) != 1:
+        return None
+    c0 = layers[0][0].adapter(layers[0][1][0]).cfg
     same = {tuple(c) for c in columns.values()}
-    cfg = sv.SpectralConfig(
-        method=method, rank=max(len(c) for c in columns.values()), alpha=1.0 if method == "spectral_r" else scales[0],
-        columns=list(same.pop()) if len(same) == 1 else None, target_modules=cfgs[0].target_modules,
-        svd=cfgs[0].svd, svd_oversample=cfgs[0].svd_oversample, svd_power_iters=cfgs[0].svd_power_iters,
-        svd_cache=cfgs[0].svd_cache)
-    active = {ln: list(l.active_adapters) for ln, l in layers}
-    sv.attach(model, cfg, adapter_name, columns=columns, progress=False)
-    for ln, layer in layers:
-        here = [(n, s) for n, s in zip(names, scales) if n in layer.adapters]
-        ds = [layer.adapters[n] for n, _ in here]
-        target = layer.adapters[adapter_name]
-        if method == "spectral_r":
-            sizes = [d.columns.numel() for d in ds]
-            state = {"skew_U": _block_skew([d.skew_U for d in ds], sizes, [s for _, s in here]),
-                     "skew_V": _block_skew([d.skew_V for d in ds], sizes, [s for _, s in here])}
-        else:
-            state = {"A_U": torch.cat([d.A_U for d in ds], dim=1), "A_V": torch.cat([d.A_V for d in ds], dim=1)}
-        state["columns"] = target.columns
-        target.load_state_dict(state, strict=True)
-        layer.active_adapters = active[ln]
-    return cfg
+    cfg = sv.SpectralConfig(method=cls.name, rank=max(max(len(c) for c in columns.values()), 1), alpha=alphas.pop(),
+                            columns=list(same.pop()) if len(same) == 1 else None, target_modules=c0.target_modules, options=dict(c0.options), svd=c0.svd,
+                            svd_oversample=c0.svd_oversample, svd_power_iters=c0.svd_power_iters,
+                            svd_cache=c0.svd_cache)
+    return cfg, columns, states

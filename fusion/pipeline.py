@@ -112,9 +112,9 @@ def diffusion_inputs(pipe, prompts: dict[str, Sequence[str]], seeds: Sequence[in
                              truncation=True, return_tensors="pt").input_ids
         emb = container["text_encoder"](ids.to(pipe.text_encoder.device))[0]  # (1, 77, d)
         g = torch.Generator().manual_seed(int(seed))
-        lat = torch.randn(1, pipe.unet.config.in_channels, size, size, generator=g)  # (1, 4, h, w)
+        lat = torch.randn(1, pipe.unet.config.in_channels, size, size, generator=g, device="cpu")  # (1, 4, h, w)
         unet = container["unet"]
-        unet(lat.to(unet.device, unet.dtype), torch.tensor([int(t)]), encoder_hidden_states=emb.to(unet.dtype))
+        unet(lat.to(unet.device, unet.dtype), torch.tensor([int(t)], device=unet.device), encoder_hidden_states=emb.to(unet.dtype))
 
     return inputs, run
 

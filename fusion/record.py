@@ -3,14 +3,14 @@
 Mix-of-Show's "gradient fusion" finds, per layer, the weight that reproduces every concept's
 single-concept outputs on that concept's own layer inputs ``Xᵢ (in, nᵢ)``::
 
-    min_W  Σᵢ wᵢ ‖W Xᵢ − (W₀ + ΔWᵢ) Xᵢ‖²_F  +  λ ‖W − W₀‖²_F
+    min_W  Σᵢ ‖W Xᵢ − (W₀ + ΔWᵢ(wᵢ)) Xᵢ‖²_F  +  λ ‖W − W₀‖²_F
 
 (they run gradient steps; it is a linear least-squares problem, solved here exactly). Only the Gram
 matrices ``Gᵢ = Xᵢ Xᵢᵀ (in, in)`` are needed, accumulated by forward hooks while concept ``i`` alone
 is active on its own inputs (its prompts): the normal equations are
-``W (Σᵢ wᵢGᵢ + λI) = Σᵢ wᵢ (W₀ + ΔWᵢ) Gᵢ + λ W₀``. The ridge pulls directions that no concept's
-inputs visit back to the base weight; ``λ = ridge · tr(Σᵢ wᵢGᵢ) / in``. Concept weights ``wᵢ`` weight
-each concept's term in the objective (a single weight of 0 drops it).
+``W (Σᵢ Gᵢ + λI) = Σᵢ (W₀ + ΔWᵢ(wᵢ)) Gᵢ + λ W₀``. The ridge pulls directions that no concept's
+inputs visit back to the base weight; ``λ = ridge · tr(Σᵢ Gᵢ) / in``. Concept weights ``wᵢ`` are strengths,
+as in every mode: the target of concept ``i`` is ``W₀ + ΔWᵢ(wᵢ)`` (``wᵢ = 0``: keep the base on its inputs).
 
 Convolutions use the im2col view: ``Xᵢ`` are the ``(cin·kh·kw)`` input patches (``F.unfold``), in
 the core's reshape convention, so ``in`` can be large (a 3×3 conv with 1280 channels has in=11520
@@ -25,8 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-import spectral_vision as sv
-from spectral_vision.layers import SpectralLayer
+from .backends import backends
 
 __all__ = ["record_grams", "least_squares_weights", "ls_objective", "default_run"]
 
@@ -40,31 +39,20 @@ def default_run(model: nn.Module, batch: Any) -> Any:
     return model(batch)
 
 
-def _patches(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _patches(base: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Layer input as rows ``(n, in)`` in the core's ``W (out, in)`` convention."""
-    base = layer.base_layer if isinstance(layer, SpectralLayer) else layer.get_base_layer()
     if isinstance(base, nn.Conv2d):
+        if base.groups != 1 or base.padding_mode != "zeros" or isinstance(base.padding, str):
+            raise ValueError(f"least_squares records im2col inputs of plain convolutions only, not {base}")
         cols = F.unfold(x, base.kernel_size, base.dilation, base.padding, base.stride)  # (B, cin*kh*kw, L)
         return cols.transpose(1, 2).reshape(-1, cols.shape[1])  # (B*L, cin*kh*kw)
     return x.reshape(-1, x.shape[-1])  # (..., in) -> (n, in)
 
 
-def _activate(model: nn.Module, name: str) -> None:
-    """Make concept ``name`` the only active adapter (spectral and PEFT layers)."""
-    if name in sv.adapter_names(model):
-        sv.set_adapter(model, name)
-    else:
-        for _, layer in sv.spectral_layers(model):
-            layer.unmerge()
-            layer.active_adapters = []
-    from .fuse import _peft_layers
-
-    for _, layer in _peft_layers(model):
-        if name in layer.lora_A:
-            layer.set_adapter(name)
-            layer._disable_adapters = False
-        else:
-            layer._disable_adapters = True
+def activate(model: nn.Module, names: Sequence[str]) -> None:
+    """Only adapters ``names`` run, on every backend of ``model`` (spectral and PEFT layers)."""
+    for b in backends(model):
+        b.activate(names)
 
 
 @torch.no_grad()
@@ -73,43 +61,42 @@ def record_grams(
     names: Sequence[str],
     inputs: dict[str, Iterable],
     run_fn: Optional[Callable[[nn.Module, Any], Any]],
-    layers: Sequence[nn.Module],
+    handles: Sequence,
     progress: bool = True,
-) -> dict[int, dict[str, torch.Tensor]]:
-    """``{id(layer): {concept: G (in, in) fp32}}``: input Grams of ``layers`` with each concept alone active.
+) -> dict[str, dict[str, torch.Tensor]]:
+    """``{layer name: {concept: G (in, in) fp32}}``: input Grams of the layers of ``handles`` (from
+    :func:`fusion.backends.all_layers`) with each concept alone active.
 
     Concept ``i`` runs ``inputs[i]`` (its own prompts/batches) through ``run_fn`` (default
-    :func:`default_run`). The active adapters are restored afterwards.
+    :func:`default_run`). Afterwards the last concept is the active adapter: the caller activates what it needs.
     """
     missing = [n for n in names if n not in inputs]
     if missing:
         raise ValueError(f"no inputs for concepts {missing}: pass inputs={{concept: batches}} for every concept")
     run_fn = run_fn or default_run
-    saved = {id(l): list(l.active_adapters) for _, l in sv.spectral_layers(model)}
-    grams: dict[int, dict[str, torch.Tensor]] = {id(l): {} for l in layers}
+    grams: dict[str, dict[str, torch.Tensor]] = {h.name: {} for h in handles}
     current = {"name": None}
 
-    def hook(layer, args):
-        X = _patches(layer, args[0].detach()).float()  # (n, in)
-        g = grams[id(layer)]
-        c = current["name"]
-        g[c] = g[c] + X.T @ X if c in g else X.T @ X  # (in, in)
+    def hook_for(h):
+        def hook(module, args):
+            X = _patches(h.base_layer, args[0].detach()).float()  # (n, in)
+            g, c = grams[h.name], current["name"]
+            g[c] = g[c] + X.T @ X if c in g else X.T @ X  # (in, in)
+        return hook
 
-    handles = [l.register_forward_pre_hook(hook) for l in layers]
+    handles_ = [h.module.register_forward_pre_hook(hook_for(h)) for h in handles]
     was_training = model.training
     model.eval()
     try:
         batches = [(n, b) for n in names for b in inputs[n]]
         for n, batch in tqdm(batches, desc="record layer inputs", disable=not progress):
             if current["name"] != n:
-                _activate(model, n)
+                activate(model, [n])
                 current["name"] = n
             run_fn(model, batch)
     finally:
-        for h in handles:
-            h.remove()
-        for _, l in sv.spectral_layers(model):
-            l.active_adapters = saved.get(id(l), l.active_adapters)
+        for hd in handles_:
+            hd.remove()
         model.train(was_training)
     return grams
 
@@ -125,32 +112,32 @@ def ls_objective(W: torch.Tensor, targets: Sequence[torch.Tensor], grams: Sequen
 
 
 @torch.no_grad()
-def least_squares_weights(model, names, weights, grams, ridge, layers, progress=True):
-    """Closed-form least-squares fusion of every layer in ``layers`` (from :func:`fuse.adapted_layers`).
+def least_squares_weights(layers, names, weights, grams, ridge, progress=True):
+    """Closed-form least-squares fusion of ``layers`` (``(handle, concepts present)`` pairs).
 
-    Returns ``(fused {layer: W (out, in) fp32}, info)`` with the summed objective of the fused and of
-    the naive ``W₀ + Σ ΔWᵢ`` weights (``info["objective"]``, ``info["objective_naive_sum"]``).
+    The target of concept ``i`` is ``W₀ + ΔWᵢ(wᵢ)`` (its delta at strength ``wᵢ``, as in every mode); each
+    concept's term has weight 1. Returns ``({layer: ΔW (out, in) fp32}, info)``: the fused deltas from ``W₀``
+    and the summed objective of the fused and of the naive ``W₀ + Σ ΔWᵢ(wᵢ)`` weights
+    (``info["objective"]``, ``info["objective_naive_sum"]``).
     """
-    from .fuse import _base_2d, concept_delta
-
-    fused, obj, obj_sum = {}, 0.0, 0.0
-    for lname, layer, present in tqdm(layers, desc="least-squares fusion", disable=not progress):
-        W0 = _base_2d(layer)
-        g = grams[id(layer)]
-        terms = [(n, w) for n, w in zip(names, weights) if n in g and w != 0]
+    strength = dict(zip(names, weights))
+    deltas, obj, obj_sum = {}, 0.0, 0.0
+    for h, present in tqdm(layers, desc="least-squares fusion", disable=not progress):
+        g = grams[h.name]
+        terms = [n for n in names if n in g]
         if not terms:
-            fused[lname] = W0
             continue
-        deltas = {n: concept_delta(layer, n) if n in present else torch.zeros_like(W0) for n, _ in terms}
-        targets = [W0 + deltas[n] for n, _ in terms]
-        G = [g[n] for n, _ in terms]
-        A = sum(w * Gi.double() for (_, w), Gi in zip(terms, G))  # (in, in)
+        W0 = h.base_2d()
+        ds = {n: h.delta(n, strength[n]).float() if n in present else torch.zeros_like(W0) for n in terms}
+        targets = [W0 + ds[n] for n in terms]
+        G = [g[n] for n in terms]
+        A = sum(Gi.double() for Gi in G)  # (in, in)
         lam = ridge * float(torch.diagonal(A).mean()) + 1e-12
-        rhs = sum(w * (Wi.double() @ Gi.double()) for (_, w), Wi, Gi in zip(terms, targets, G)) + lam * W0.double()
-        A = A + lam * torch.eye(A.shape[0], dtype=A.dtype)
+        rhs = sum(Wi.double() @ Gi.double() for Wi, Gi in zip(targets, G)) + lam * W0.double()
+        A = A + lam * torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
         W = torch.linalg.solve(A, rhs.T).T.float()  # A symmetric: W A = rhs  <=>  A Wᵀ = rhsᵀ
-        fused[lname] = W
-        ws = [w for _, w in terms]
-        obj += ls_objective(W, targets, G, ws)
-        obj_sum += ls_objective(W0 + sum(deltas.values()), targets, G, ws)
-    return fused, {"objective": obj, "objective_naive_sum": obj_sum}
+        deltas[h.name] = W - W0
+        ones = [1.0] * len(terms)
+        obj += ls_objective(W, targets, G, ones)
+        obj_sum += ls_objective(W0 + sum(ds.values()), targets, G, ones)
+    return deltas, {"objective": obj, "objective_naive_sum": obj_sum}

@@ -77,7 +77,7 @@ def power_law_alpha(S: torch.Tensor, fit_fraction: float = 0.5, n: Optional[int]
     n = S.numel() if n is None else n
     top = min(S.numel(), max(2, math.ceil(fit_fraction * n)))
     s = S[:top].double()
-    i = torch.arange(1, top + 1, dtype=torch.float64)
+    i = torch.arange(1, top + 1, dtype=torch.float64, device=s.device)
     keep = s > 0
     if keep.sum() < 2:
         return float("nan")

@@ -1,4 +1,4 @@
-"""End to end: `python demos/fusion_app.py` on 127.0.0.1, driven by Playwright in Debian's headless Chromium.
+"""End to end: `python -m demos.fusion_app` on 127.0.0.1, driven by Playwright in Debian's headless Chromium.
 
 Refuses a path outside the concepts folder and an upload that is not an adapter, adds two concepts,
 generates, checks that the images and the interference table appear, and saves a screenshot (the README's
@@ -25,8 +25,9 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 # the README's screenshot is refreshed only on request (SV_UPDATE_SCREENSHOT=1); otherwise it goes to a temp file
 SCREENSHOT = REPO / "demos" / "screenshot.png"
 
-pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
-                                reason=f"{CHROMIUM} is missing (Debian: apt-get install -y chromium)")
+pytestmark = [pytest.mark.browser,
+              pytest.mark.skipif(not os.path.exists(CHROMIUM),
+                                 reason=f"{CHROMIUM} is missing (Debian: apt-get install -y chromium)")]
 
 
 def free_port() -> int:
@@ -78,10 +79,10 @@ def test_fusion_app_in_chromium(tmp_path):
     resolve_pretrained("builtin:tiny-sd")  # build the cached base once, before the app starts
     port, concepts, log = free_port(), tmp_path / "concepts", tmp_path / "app.log"
     concepts.mkdir()
-    cmd = [sys.executable, str(REPO / "demos" / "fusion_app.py"), "--model", "builtin:tiny-sd", "--concepts_dir",
+    cmd = [sys.executable, "-m", "demos.fusion_app", "--model", "builtin:tiny-sd", "--concepts_dir",
            str(concepts), "--upload_dir", str(tmp_path / "up"), "--port", str(port), "--record_timesteps", "999"]
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path, env=os.environ.copy())
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=os.environ.copy())
     try:
         pipe = load_pipeline("builtin:tiny-sd")  # concepts made while the app starts
         make_concept(pipe, concepts / "cat", 0, seed=1, prompt="a photo of sks cat")
@@ -116,7 +117,7 @@ def test_fusion_app_in_chromium(tmp_path):
                 page.get_by_text("…or upload a concept").click()  # the accordion
                 page.locator("#upload input[type=file]").set_input_files([str(f) for f in bogus])
                 page.click("#add-upload")
-                status_has(page, "not an adapter config")
+                status_has(page, "not a valid spectral_vision adapter config")
                 page.get_by_text("…or upload a concept").click()  # fold it again
                 for name in ("cat", "dog"):
                     folder.click()
@@ -144,6 +145,7 @@ def test_fusion_app_in_chromium(tmp_path):
             finally:
                 browser.close()
         print(f"blocked non-loopback requests: {blocked}")
+        assert "restart with --share" in log.read_text() and "share=True" not in log.read_text()
     finally:
         proc.terminate()
         try:

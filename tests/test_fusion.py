@@ -13,10 +13,10 @@ import spectral_vision as sv
 from spectral_vision.zoo import create_model
 
 from fusion import bands
-from fusion.compose import fused_adapter
-from fusion.fuse import fuse
+from fusion.backends import all_layers
+from fusion.fuse import add_fused_adapter, fuse
 from fusion.metrics import spaces, principal_angles
-from fusion.record import ls_objective
+from fusion.record import least_squares_weights, ls_objective
 from tests.conftest import perturb
 
 CONCEPTS = ["c0", "c1", "c2"]
@@ -77,8 +77,8 @@ def test_find_overlaps_on_adapter_folders(tmp_path):
 
 
 # ---- spectral mode -------------------------------------------------------------------------------------
-@pytest.mark.parametrize("model,preset", [("tiny-clip-text", "clip_text"),
-                                          ("tiny-unet", r".*(attn1\.to_q|attn2\.to_k|resnets\.0\.conv1)")])
+@pytest.mark.parametrize("model,preset", [("tiny-clip-text", "clip_text"), pytest.param(
+    "tiny-unet", r".*(attn1\.to_q|attn2\.to_k|resnets\.0\.conv1)", marks=pytest.mark.slow)])
 def test_spectral_r_keeps_singular_values_and_own_band(model, preset):
     m = concepts(model, preset=preset, rank=2)
     snap = snapshot(m, CONCEPTS)
@@ -142,7 +142,7 @@ def test_overlap_refused_with_explanation_unless_allowed():
 # ---- baselines -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("mode", ["mean", "weighted"])
 def test_mean_dilutes_each_delta(mode):
-    m = concepts(method="spectral_r")
+    m = concepts(method="spectral_a")  # linear in its strength: the official averages of merged weights
     snap = snapshot(m, CONCEPTS)
     w = [1.0, 1.0, 1.0] if mode == "mean" else [2.0, 1.0, 1.0]
     fuse(m, CONCEPTS, weights=w, mode=mode, progress=False)
@@ -152,6 +152,23 @@ def test_mean_dilutes_each_delta(mode):
         torch.testing.assert_close(fused_2d(m, ln, s["W"].shape), want, atol=1e-5, rtol=1e-5)
         if mode == "mean":  # = W0 + ΔW_i / N
             torch.testing.assert_close(want, s["W"] + sum(s["d"].values()) / 3, atol=1e-5, rtol=1e-5)
+
+
+def test_weights_have_one_meaning_the_strength():
+    """Every mode starts from ΔW_i(w_i) = delta_weight(scale=w_i): for ^R (non-linear in w) mean at w is
+    W0 + Σ ΔW_i(w_i) / N, and least_squares' targets are the concepts at their strengths."""
+    w = [0.5, 2.0, 1.0]
+    m = concepts()
+    want = {ln: l.weight_2d() + sum(l.adapters[n].delta_weight(wi).detach() for n, wi in zip(CONCEPTS, w)) / 3
+            for ln, l in sv.spectral_layers(m)}
+    fuse(m, CONCEPTS, weights=w, mode="mean", progress=False)
+    for ln, W in want.items():
+        torch.testing.assert_close(fused_2d(m, ln, W.shape), W, atol=1e-5, rtol=1e-5)
+    for bad in ([float("nan"), 1.0, 1.0], [1.0, float("inf"), 1.0], [1.0, 1.0]):
+        m = concepts()
+        with pytest.raises(ValueError, match="finite|weights for"):
+            fuse(m, CONCEPTS, weights=bad, progress=False)
+        assert set(sv.adapter_names(m)) == set(CONCEPTS)  # nothing fused, nothing written
 
 
 def test_lora_sum_matches_peft_with_both_adapters_active():
@@ -184,6 +201,7 @@ def test_least_squares_reduces_objective_and_is_a_minimum():
     res = fuse(m, CONCEPTS, mode="least_squares", inputs=inputs, ridge=1e-6, metrics=True, unload=False,
                progress=False)
     assert res.info["objective"] < 0.5 * res.info["objective_naive_sum"]
+    assert res.adapter == "fused" and res.info["fused_method"] == "lowrank"  # a named adapter, concepts kept
     layer = dict(sv.spectral_layers(m))["encoder.layers.1.self_attn.q_proj"]
     # recompute the objective from freshly captured inputs X_i of each single-concept model
     X = {}
@@ -197,34 +215,99 @@ def test_least_squares_reduces_objective_and_is_a_minimum():
     W0 = layer.weight_2d()
     targets = [W0 + layer.adapters[n].delta_weight().detach() for n in CONCEPTS]
     G = [X[n].T @ X[n] for n in CONCEPTS]
-    sv.set_adapter(m, CONCEPTS)
-    from fusion.record import least_squares_weights
-    from fusion.fuse import adapted_layers
-
-    one = [t for t in adapted_layers(m, CONCEPTS) if t[0] == "encoder.layers.1.self_attn.q_proj"]
-    Wls = least_squares_weights(m, CONCEPTS, [1.0] * 3, {id(layer): dict(zip(CONCEPTS, G))}, 1e-6, one,
-                                progress=False)[0][one[0][0]]
+    one = [t for t in all_layers(m, CONCEPTS) if t[0].name == "encoder.layers.1.self_attn.q_proj"]
+    Wls = W0 + least_squares_weights(one, CONCEPTS, [1.0] * 3, {one[0][0].name: dict(zip(CONCEPTS, G))}, 1e-6,
+                                     progress=False)[0][one[0][0].name]
     f = lambda W: ls_objective(W, targets, G, [1.0] * 3)  # noqa: E731
     assert f(Wls) < f(W0 + sum(t - W0 for t in targets))
     E = torch.randn_like(Wls) * 1e-2
     assert f(Wls + E) > f(Wls) and f(Wls - E) > f(Wls)  # the normal equations' solution is the minimum
 
 
-# ---- single-adapter composition, metrics --------------------------------------------------------------
-@pytest.mark.parametrize("method,w", [("spectral_r", [1.0, 0.5, 2.0]), ("spectral_a", [0.7, 0.7, 0.7])])
-def test_fused_adapter_equals_spectral_fusion(tmp_path, method, w):
-    m = concepts(method=method, alpha=1.5)
-    cfg = fused_adapter(m, CONCEPTS, w)
-    assert cfg.rank == 9 and cfg.columns == list(range(9))
+# ---- the named fused adapter, scale, concat, metrics ----------------------------------------------------
+@pytest.mark.parametrize("method,w,fused_method", [("spectral_r", [1.0, 0.5, 2.0], "spectral_r"),
+                                                   ("spectral_a", [0.7, 0.7, 0.7], "spectral_a"),
+                                                   ("spectral_a", [1.0, 0.5, 1.0], "lowrank"),
+                                                   ("svdiff", [1.0, 0.5, 2.0], "lowrank")])
+def test_fused_adapter_saves_loads_and_merges_to_the_fusion(tmp_path, method, w, fused_method):
+    bands_ = (0, 1, 2) if method != "svdiff" else (0, 0, 0)
+    m = concepts(method=method, alpha=1.5, bands_=bands_)
+    res = add_fused_adapter(m, CONCEPTS, w, mode="spectral" if method != "svdiff" else "lora_sum", progress=False)
+    cfg = sv.adapter_config(m, "fused")
+    assert res.adapter == "fused" and cfg.method == res.info["fused_method"] == fused_method
+    if fused_method == "spectral_r":
+        assert cfg.rank == 9 and cfg.columns == list(range(9))
     sv.save_adapter(m, tmp_path / "fused", "fused")
     sv.detach(m, "fused")
-    fuse(m, CONCEPTS, w, progress=False)
+    fuse(m, CONCEPTS, w, mode=res.mode, progress=False)
     m2 = sv.merge_and_unload(sv.load_adapter(create_model("tiny-clip-text"), tmp_path / "fused", progress=False))
     for (k, a), (_, b) in zip(m.state_dict().items(), m2.state_dict().items()):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("method", sv.available_methods())
+def test_scale_is_the_strength_for_every_method(method):
+    m = concepts(method=method, bands_=(0,), rank=2, alpha=0.7)
+    for _, layer in sv.spectral_layers(m):
+        d = layer.adapters["c0"]
+        for s in (0.0, 0.5, 2.0):
+            B, A = d.factors(s)
+            torch.testing.assert_close(B @ A, d.delta_weight(s), atol=1e-5, rtol=1e-4)
+        assert float(d.delta_weight(0.0).detach().abs().max()) == 0
+        torch.testing.assert_close(d.delta_weight(1.0), d.delta_weight())
+        if method != "spectral_r":  # linear methods: a multiple of ΔW
+            torch.testing.assert_close(d.delta_weight(2.0), 2 * d.delta_weight(), atol=1e-5, rtol=1e-5)
+        else:  # ^R: the generator is scaled; ΔW(2) is the concept trained with alpha 1.4 (orthogonal, not 2·ΔW)
+            ref = sv.SpectralConfig(**{**d.cfg.to_dict(), "alpha": 1.4})
+            cfg, d.cfg = d.cfg, ref
+            want = d.delta_weight()
+            d.cfg = cfg
+            torch.testing.assert_close(d.delta_weight(2.0), want)
+        break
+
+
+@pytest.mark.parametrize("method", ["spectral_r", "spectral_a", "lowrank"])
+def test_concat_is_the_exact_sum(method):
+    m = concepts(method=method, bands_=(0, 1), rank=2, alpha=0.8)
+    layer = next(layer for _, layer in sv.spectral_layers(m))
+    ds = [layer.adapters[n] for n in ("c0", "c1")]
+    scales = [1.25, 1.25] if method == "spectral_a" else [0.5, 3.0]
+    alpha, state = type(ds[0]).concat(ds, scales)
+    cols = [c for d in ds for c in d.columns.tolist()]
+    layer.add_adapter("cat", sv.SpectralConfig(method=method, rank=len(cols) if method != "lowrank" else 4,
+                                               alpha=alpha), cols)
+    layer.adapters["cat"].load_state_dict({**state, "columns": layer.adapters["cat"].columns})
+    want = sum(d.delta_weight(s) for d, s in zip(ds, scales))
+    torch.testing.assert_close(layer.adapters["cat"].delta_weight(), want.detach(), atol=1e-5, rtol=1e-5)
     if method == "spectral_a":
-        with pytest.raises(ValueError, match="different alpha"):
-            fused_adapter(concepts(method=method), CONCEPTS, [1.0, 0.5, 1.0])
+        assert type(ds[0]).concat(ds, [1.0, 0.5]) is None  # not one ^A adapter: fusion stores factors instead
+
+
+def test_fusion_imports_no_cycle():
+    """No fusion module imports another that imports it back (at any depth, lazy imports included)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "fusion"
+    graph = {}
+    for f in root.glob("*.py"):
+        deps = set()
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+                deps.add(node.module.split(".")[0])
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("fusion."):
+                deps.add(node.module.split(".")[1])
+        graph[f.stem] = deps - {f.stem}
+
+    def reach(a, seen):
+        for b in graph.get(a, ()):
+            if b not in seen:
+                seen.add(b)
+                reach(b, seen)
+        return seen
+
+    cycles = sorted(m for m in graph if m != "__init__" and m in reach(m, set()))
+    assert not cycles, {m: graph[m] for m in cycles}
 
 
 def test_metrics_angles_and_own_change():
@@ -234,12 +317,15 @@ def test_metrics_angles_and_own_change():
     rep = res.metrics
     for ln, d in rep.layers.items():
         p01, p12 = d["pairs"]["c0|c1"], d["pairs"]["c1|c2"]
-        assert p01["col_overlap"] < 1e-6 and abs(p01["col_angle"] - 90) < 1e-3 and p01["row_overlap"] < 1e-6
-        assert p12["col_overlap"] > 0.1  # same band: the column spaces lie in the same 3-d subspace
+        assert p01["shared_band_columns"] == 0 and p12["shared_band_columns"] == 3
+        assert p01["output_subspace_cos2"] < 1e-6 and abs(p01["min_angle_deg"] - 90) < 1e-2
+        assert p01["input_subspace_cos2"] < 1e-6
+        assert p12["output_subspace_cos2"] > 0.1  # same band: the column spaces lie in the same 3-d subspace
         s = snap[ln]
         E = sum(s["d"].values()) / 3 - s["d"]["c0"]  # mean − single_0, weight space (no activations)
-        assert abs(d["own_change"]["c0"] - float(E.norm() / s["d"]["c0"].norm())) < 1e-4
+        assert abs(d["own_output_change"]["c0"] - float(E.norm() / s["d"]["c0"].norm())) < 1e-4
     assert not rep.activations and "OVERALL" in rep.table()
+    assert rep.overall["layers_sharing_columns"] == 8 and "spectral mode refuses" in rep.explain()
     Q = torch.linalg.qr(torch.randn(10, 3, dtype=torch.float64))[0]
     assert principal_angles(Q, Q)[0] == pytest.approx(1.0) and principal_angles(Q, Q)[1] == pytest.approx(0, abs=1e-3)
     B, A = torch.randn(10, 2), torch.randn(2, 7)
@@ -251,13 +337,25 @@ def test_metrics_spectral_r_own_direction_change_is_zero(tmp_path):
     m = concepts()
     inputs = {n: [torch.randint(0, 1000, (1, 6))] for n in CONCEPTS}
     rep = fuse(m, CONCEPTS, metrics=True, inputs=inputs, progress=False).metrics
-    assert rep.activations and rep.overall["col_overlap"] < 1e-6 and rep.overall["row_overlap"] < 1e-6
-    assert all(v < 1e-4 for v in rep.overall["own_dir_change"].values())
-    assert all(v > 1e-3 for v in rep.overall["own_change"].values())  # inputs do see other bands
+    assert rep.activations and rep.overall["output_subspace_cos2"] < 1e-6 and rep.overall["input_subspace_cos2"] < 1e-6
+    assert all(v < 1e-4 for v in rep.overall["own_direction_change"].values())
+    assert all(v > 1e-3 for v in rep.overall["own_output_change"].values())  # inputs do see other bands
     rep.save_json(tmp_path / "i.json")
     rep.plot(tmp_path / "i.png")
-    assert json.loads((tmp_path / "i.json").read_text())["concepts"] == CONCEPTS
+    saved = json.loads((tmp_path / "i.json").read_text())
+    assert saved["concepts"] == CONCEPTS and set(saved["legend"]) >= {"shared_band_columns", "own_output_change"}
+    assert saved["summary"][0].startswith("bands: disjoint")
     assert (tmp_path / "i.png").stat().st_size > 1000
+
+
+def test_metrics_disjoint_additive_bands_explain_their_subspace_cosine():
+    """Issue 15: ^A concepts on disjoint bands share no band column; their output subspaces still overlap
+    (A_U leaves the band) and the report says so instead of a scary "overlap"."""
+    m = concepts(method="spectral_a", bands_=(0, 1), rank=2)
+    rep = fuse(m, CONCEPTS[:2], metrics=True, progress=False).metrics
+    assert rep.overall["shared_band_columns"] == 0 and rep.overall["output_subspace_cos2"] > 1e-3
+    text = rep.explain()
+    assert "bands: disjoint on every layer" in text and "random subspaces" in text and "additive methods" in text
 
 
 # ---- CLIP plumbing ------------------------------------------------------------------------------------
@@ -301,9 +399,12 @@ def test_cli_spectral_pipeline_and_adapter(tmp_path, capsys):
     rep = main(parse_args(common + ["--out", str(tmp_path / "fused")]))
     out = capsys.readouterr().out
     assert "OVERALL" in out and "no overlap" in out and rep["overlap_ok"]
+    assert f"wrote {(tmp_path / 'fused').resolve()}/" in out and "StableDiffusionPipeline.from_pretrained" in out
+    assert rep["interference_summary"][0].startswith("bands: disjoint")
     assert (tmp_path / "fused" / "interference.png").exists() and (tmp_path / "fused" / "model_index.json").exists()
     fused = load_pipeline(str(tmp_path / "fused"))
     main(parse_args(common + ["--out", str(tmp_path / "ad"), "--format", "adapter", "--no-metrics"]))
+    assert "spectral_vision.load_adapter(pipe.unet" in capsys.readouterr().out
     base = load_pipeline("builtin:tiny-sd")
     for comp in ("unet", "text_encoder"):
         mod = sv.merge_and_unload(sv.load_adapter(getattr(base, comp), tmp_path / "ad" / comp, progress=False))
@@ -311,6 +412,38 @@ def test_cli_spectral_pipeline_and_adapter(tmp_path, capsys):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=k)
     with pytest.raises(SystemExit):
         parse_args(common[:-4] + ["--out", "x", "--weights", "1"])
+
+
+def test_cli_refuses_bad_weights_and_fails_nonzero(tmp_path, capsys):
+    """Issue 14 item 6 / issue 17: `--weights nan 1` is refused before anything is written; any failure exits
+    non-zero; the help documents --mode and shows no "(default: None)"."""
+    import subprocess
+    import sys
+
+    from fusion.__main__ import cli, parse_args
+
+    base = ["--base", "builtin:tiny-sd", "--adapters", "a", "b", "--out", str(tmp_path / "o")]
+    for bad in (["nan", "1"], ["1", "-1"], ["inf", "1"], ["x", "1"]):
+        with pytest.raises(SystemExit) as e:
+            parse_args(base + ["--weights", *bad])
+        assert e.value.code == 2 and "weights must be finite and >= 0" in capsys.readouterr().err or bad[0] == "x"
+    assert not (tmp_path / "o").exists()
+    assert cli(base) == 2  # missing folders: checked before loading anything, rc 2, one line
+    assert capsys.readouterr().err == "error: concept folder a does not exist\n"
+    assert not (tmp_path / "o").exists()
+    r = subprocess.run([sys.executable, "-m", "fusion", "--help"], capture_output=True, text=True, check=True)
+    assert "(default: None)" not in r.stdout and "least_squares: Mix-of-Show" in r.stdout
+    assert r.stdout.count("(default: spectral)") == 1
+
+
+def test_non_finite_concepts_are_refused_before_writing():
+    m = concepts(bands_=(0, 1))
+    layer = next(layer for _, layer in sv.spectral_layers(m))
+    with torch.no_grad():
+        layer.adapters["c1"].skew_U[0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        fuse(m, CONCEPTS[:2], progress=False)
+    assert set(sv.adapter_names(m)) == {"c0", "c1"}  # no fused adapter, nothing merged
 
 
 def test_fusion_speed_benchmark_quick(tmp_path):
@@ -328,6 +461,7 @@ def test_fusion_speed_benchmark_quick(tmp_path):
     assert saved["least_squares"]["x_spectral"] > 1  # recording + solving costs more than one addmm per layer
 
 
+@pytest.mark.slow
 def test_lora_sum_of_diffusers_lora_files_matches_diffusers_fuse_lora(tmp_path):
     """Concept folders holding pytorch_lora_weights.safetensors (PEFT-baseline DreamBooth output)."""
     from diffusers import StableDiffusionPipeline

@@ -162,6 +162,7 @@ BAND_COLUMNS = {  # literal expectations for band 0 and band 1 at rank 3 on a (4
     "spectral_r": ([0, 1, 2], [3, 4, 5]),
     "lorsa": ([0, 1, 2], [3, 4, 5]),
     "speclora": ([], []),  # Γ ⊙ W uses no singular columns
+    "lowrank": ([], []),  # plain low-rank B A: no singular columns
     "svdiff": (list(range(24)), list(range(24))),  # all singular values, whatever the band
 }
 

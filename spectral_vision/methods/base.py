@@ -10,7 +10,7 @@ delta-form forward, merging-free inference, LoRA export and fusion use. Everythi
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -100,17 +100,32 @@ class SpectralDelta(nn.Module):
         """The singular indices used when none are stored (default: the config's band)."""
         return cfg.band_columns()
 
-    def delta_weight(self) -> torch.Tensor:
-        """``ΔW (out, in)`` in float32, written straight from the method's equations."""
+    def delta_weight(self, scale: float = 1.0) -> torch.Tensor:
+        """``ΔW (out, in)`` in float32, written straight from the method's equations.
+
+        ``scale`` is the adapter's strength: the method behaves as if trained with ``alpha * scale``
+        (a multiple of ΔW for most methods; ^R scales its Cayley generator). ``scale=0`` gives 0.
+        """
         raise NotImplementedError
 
-    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact factorisation ``ΔW = B @ A`` with ``B (out, R)``, ``A (R, in)``, float32.
+    def factors(self, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact factorisation ``ΔW(scale) = B @ A`` with ``B (out, R)``, ``A (R, in)``, float32.
 
         Used by the delta-form forward (two thin matmuls, the weight is never rebuilt), by LoRA
         export and by fusion. Tested against :meth:`delta_weight` for every method.
         """
         raise NotImplementedError
+
+    @classmethod
+    def concat(cls, deltas: Sequence["SpectralDelta"], scales: Sequence[float]) -> Optional[tuple[float, dict]]:
+        """One adapter of this method equal to ``Σᵢ deltas[i].delta_weight(scales[i])``, or ``None``.
+
+        ``deltas`` are adapters of this method on one layer with disjoint ``columns``. Returns
+        ``(alpha, state)``: the fused adapter's ``alpha`` and its ``state_dict`` on the concatenated
+        columns ``cat(d.columns)`` (rank ``Σ rᵢ``). ``None`` when this method cannot hold the sum
+        exactly (the default): fusion then stores the concatenated :meth:`factors` instead.
+        """
+        return None
 
     def forward_linear(self, x: torch.Tensor) -> torch.Tensor:
         """``Δ(x) = x ΔWᵀ`` for ``x (..., in)`` -> ``(..., out)`` in ``x``'s dtype: the delta-form forward

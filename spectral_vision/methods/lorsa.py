@@ -85,11 +85,11 @@ class LoRSA(SpectralDelta):
         """``U_S' = U_S + P p`` of shape ``(out, |S|)`` and ``V_S' = V_S + Q q`` of shape ``(in, |S|)``."""
         return self.U + self.P @ self.p, self.V + self.Q @ self.q
 
-    def delta_weight(self) -> torch.Tensor:
+    def delta_weight(self, scale: float = 1.0) -> torch.Tensor:
         Up, Vp = self.rotated()
-        return self.cfg.alpha * ((Up * (self.S + self.delta_sigma)) @ Vp.T - (self.U * self.S) @ self.V.T)
+        return self.cfg.alpha * scale * ((Up * (self.S + self.delta_sigma)) @ Vp.T - (self.U * self.S) @ self.V.T)
 
-    def core(self) -> torch.Tensor:
+    def core(self, scale: float = 1.0) -> torch.Tensor:
         """``M = α (G diag(σ+Δσ) Hᵀ − E diag(σ) Eᵀ)`` of shape ``(|S|+r_p, |S|+r_p)``."""
         n = self.columns.numel()
         eye = torch.eye(n, device=self.S.device)
@@ -97,10 +97,10 @@ class LoRSA(SpectralDelta):
         H = torch.cat([eye, self.q], dim=0)  # (|S|+r_p, |S|)
         rp = self.opts.proj_rank
         M = (G * (self.S + self.delta_sigma)) @ H.T  # (|S|+r_p, |S|+r_p)
-        return self.cfg.alpha * (M - F.pad(torch.diag(self.S), (0, rp, 0, rp)))  # − E diag(σ) Eᵀ
+        return self.cfg.alpha * scale * (M - F.pad(torch.diag(self.S), (0, rp, 0, rp)))  # − E diag(σ) Eᵀ
 
-    def factors(self):
-        B = torch.cat([self.U, self.P], dim=1) @ self.core()  # (out, |S|+r_p)
+    def factors(self, scale: float = 1.0):
+        B = torch.cat([self.U, self.P], dim=1) @ self.core(scale)  # (out, |S|+r_p)
         A = torch.cat([self.V, self.Q], dim=1).T  # (|S|+r_p, in)
         return B, A
 

@@ -79,10 +79,10 @@ class SpecLoRA(SpectralDelta):
         G[: self.k, : self.k] = self.d[:, None].expand(self.k, self.k)  # Γ[i, j] = d_i, i, j < k
         return G
 
-    def delta_weight(self) -> torch.Tensor:
+    def delta_weight(self, scale: float = 1.0) -> torch.Tensor:
         block = (self.d - 1)[:, None] * self.W_k  # (k, k): (Γ − 1) ⊙ W on the top-left block
         pad = (0, self.in_features - self.k, 0, self.out_features - self.k)
-        return self.cfg.alpha * (F.pad(block, pad) + self.scaling * self.lora_B @ self.lora_A)
+        return self.cfg.alpha * scale * (F.pad(block, pad) + self.scaling * self.lora_B @ self.lora_A)
 
     def forward_linear(self, x):
         """Exact fast path: the mask term touches only ``x[..., :k]`` and output rows ``:k``."""
@@ -91,8 +91,8 @@ class SpecLoRA(SpectralDelta):
         lora = F.linear(F.linear(x, self.lora_A.to(dt)), ((a * self.scaling) * self.lora_B).to(dt))  # (..., out)
         return lora + F.pad(top, (0, self.out_features - self.k))
 
-    def factors(self):
-        a = self.cfg.alpha
+    def factors(self, scale: float = 1.0):
+        a = self.cfg.alpha * scale
         E = F.pad(torch.diag(a * (self.d - 1)), (0, 0, 0, self.out_features - self.k))  # (out, k)
         B = torch.cat([E, (a * self.scaling) * self.lora_B], dim=1)  # (out, k + r)
         A = torch.cat([F.pad(self.W_k, (0, self.in_features - self.k)), self.lora_A], dim=0)  # (k + r, in)

@@ -27,15 +27,25 @@ class SpectralAdapterA(SpectralDelta):
         self.A_U = nn.Parameter(torch.zeros(self.out_features, r, device=self.U.device))
         self.A_V = nn.Parameter(torch.zeros(self.in_features, r, device=self.U.device))
 
-    def delta_weight(self) -> torch.Tensor:
+    def delta_weight(self, scale: float = 1.0) -> torch.Tensor:
         Up, Vp = self.U + self.A_U, self.V + self.A_V  # (out, r), (in, r)
-        return self.cfg.alpha * ((Up * self.S) @ Vp.T - (self.U * self.S) @ self.V.T)
+        return self.cfg.alpha * scale * ((Up * self.S) @ Vp.T - (self.U * self.S) @ self.V.T)
 
-    def factors(self):
-        s = self.cfg.alpha * self.S  # (r,)
+    def factors(self, scale: float = 1.0):
+        s = self.cfg.alpha * scale * self.S  # (r,)
         B = torch.cat([self.A_U * s, self.U * s], dim=1)  # (out, 2r)
         A = torch.cat([self.V + self.A_V, self.A_V], dim=1).T  # (2r, in)
         return B, A
 
     #: columns of :meth:`factors` (the forward-form cost model reads it)
     factor_rank = property(lambda self: 2 * self.columns.numel())
+
+    @classmethod
+    def concat(cls, deltas, scales):
+        """``A_U``, ``A_V`` side by side: exact when every ``alphaᵢ·scaleᵢ`` is the same (the fused alpha);
+        otherwise the quadratic term ``A_U Σ A_Vᵀ`` cannot be rescaled per concept (``None``)."""
+        a = {float(d.cfg.alpha * s) for d, s in zip(deltas, scales)}
+        if len(a) != 1:
+            return None
+        return a.pop(), {"A_U": torch.cat([d.A_U.detach() for d in deltas], dim=1),  # (out, Σr)
+                         "A_V": torch.cat([d.A_V.detach() for d in deltas], dim=1)}  # (in, Σr)

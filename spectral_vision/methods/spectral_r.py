@@ -70,22 +70,22 @@ class SpectralAdapterR(SpectralDelta):
         self.skew_V = nn.Parameter(torch.zeros(r * (r - 1) // 2, device=self.columns.device))
         self.register_buffer("skew_E", skew_basis(r, self.columns.device), persistent=False)  # (r(r-1)/2, r*r)
 
-    def rotations(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(R_U, R_V)``, each ``(r, r)`` orthogonal."""
-        r = self.columns.numel()
-        return cayley(self.skew_U, r, self.cfg.alpha), cayley(self.skew_V, r, self.cfg.alpha)
+    def rotations(self, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(R_U, R_V)``, each ``(r, r)`` orthogonal (generator scaled by ``alpha * scale``)."""
+        r, a = self.columns.numel(), self.cfg.alpha * scale
+        return cayley(self.skew_U, r, a), cayley(self.skew_V, r, a)
 
-    def core(self) -> torch.Tensor:
+    def core(self, scale: float = 1.0) -> torch.Tensor:
         """``M = R_U Σ₁ R_Vᵀ − Σ₁`` of shape ``(r, r)``."""
-        R_U, R_V = self.rotations()
+        R_U, R_V = self.rotations(scale)
         return (R_U * self.S) @ R_V.T - torch.diag(self.S)
 
-    def delta_weight(self) -> torch.Tensor:
-        R_U, R_V = self.rotations()
+    def delta_weight(self, scale: float = 1.0) -> torch.Tensor:
+        R_U, R_V = self.rotations(scale)
         return (self.U @ R_U * self.S) @ (self.V @ R_V).T - (self.U * self.S) @ self.V.T
 
-    def factors(self):
-        return self.U @ self.core(), self.V.T  # (out, r), (r, in)
+    def factors(self, scale: float = 1.0):
+        return self.U @ self.core(scale), self.V.T  # (out, r), (r, in)
 
     # ---- fast paths (tested against delta_weight) ----------------------------------------------
     factor_rank = property(lambda self: self.columns.numel())
@@ -101,3 +101,20 @@ class SpectralAdapterR(SpectralDelta):
     def forward_linear(self, x):
         B, A = self.fast_factors()  # (out, r), (r, in)
         return F.linear(F.linear(x, A.to(x.dtype)), B.to(x.dtype))
+
+    @classmethod
+    def concat(cls, deltas, scales):
+        """Block-diagonal rotations: the Cayley map of a block-diagonal skew matrix is the block-diagonal
+        of the blocks' Cayley maps, so each concept's skew parameters, times ``alphaᵢ·scaleᵢ``, go on
+        its diagonal block of a rank-``Σ rᵢ`` adapter with ``alpha = 1``. Exact for any scales."""
+        sizes = [d.columns.numel() for d in deltas]
+        R, o = sum(sizes), 0
+        TU, TV = torch.zeros(R, R, device="cpu"), torch.zeros(R, R, device="cpu")  # upper triangles of the block-diagonal generators
+        for d, s, r in zip(deltas, scales, sizes):
+            iu = torch.triu_indices(r, r, offset=1, device="cpu")
+            TU[o + iu[0], o + iu[1]] = d.cfg.alpha * s * d.skew_U.detach().float().cpu()
+            TV[o + iu[0], o + iu[1]] = d.cfg.alpha * s * d.skew_V.detach().float().cpu()
+            o += r
+        iu = torch.triu_indices(R, R, offset=1, device="cpu")  # the layout cayley() reads
+        dev = deltas[0].skew_U.device
+        return 1.0, {"skew_U": TU[iu[0], iu[1]].to(dev), "skew_V": TV[iu[0], iu[1]].to(dev)}

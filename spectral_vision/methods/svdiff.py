@@ -35,15 +35,15 @@ class SVDiff(SpectralDelta):
         self.register_basis(basis)
         self.delta = nn.Parameter(torch.zeros(self.columns.numel(), device=self.columns.device))  # δ (n,)
 
-    def shift(self) -> torch.Tensor:
-        """``α (ReLU(σ + δ) − σ)`` of shape ``(n,)``: the change of each singular value."""
-        return self.cfg.alpha * (torch.relu(self.S + self.delta) - self.S)
+    def shift(self, scale: float = 1.0) -> torch.Tensor:
+        """``α·scale (ReLU(σ + δ) − σ)`` of shape ``(n,)``: the change of each singular value."""
+        return self.cfg.alpha * scale * (torch.relu(self.S + self.delta) - self.S)
 
-    def delta_weight(self) -> torch.Tensor:
-        return (self.U * self.shift()) @ self.V.T  # (out, n) @ (n, in)
+    def delta_weight(self, scale: float = 1.0) -> torch.Tensor:
+        return (self.U * self.shift(scale)) @ self.V.T  # (out, n) @ (n, in)
 
-    def factors(self):
-        return self.U * self.shift(), self.V.T  # (out, n), (n, in)
+    def factors(self, scale: float = 1.0):
+        return self.U * self.shift(scale), self.V.T  # (out, n), (n, in)
 
     #: columns of :meth:`factors` (the forward-form cost model reads it)
     factor_rank = property(lambda self: self.columns.numel())
