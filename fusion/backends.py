@@ -23,11 +23,7 @@ from torch import nn
 import spectral_vision as sv
 from spectral_vision.layers import SpectralLayer
 
-try:  # the core's layer geometry (one 2-D layout for every layer kind)
-    from spectral_vision.geometry import weight_2d as _weight_2d
-except ImportError:  # older core: the wrapper's own layout
-    def _weight_2d(module: nn.Module, adapters: bool = False) -> torch.Tensor:
-        return (module if isinstance(module, SpectralLayer) else SpectralLayer(module)).weight_2d()
+from spectral_vision.geometry import weight_2d as _weight_2d  # the one 2-D layout of every layer kind
 
 __all__ = ["SpectralBackend", "PeftLoraBackend", "backends", "all_layers", "base_2d"]
 

@@ -28,6 +28,7 @@ from . import __version__
 from .config import SpectralConfig
 from .fileio import atomic_write, atomic_write_json, file_sha256
 from .geometry import geometry_for, layer_kind
+from .methods.base import get_method
 from .layers import RESHAPE_CONVENTION, SpectralLayer
 from .model import adapter_names, attach, check_adapter_name, detach, spectral_layers
 from .adapter_file import CONFIG_NAME, SIG_PREFIX, WEIGHTS_NAME, AdapterFileError, read_adapter, split_key
@@ -212,7 +213,7 @@ def load_adapter(model: nn.Module, path: Union[str, Path], adapter_name: Optiona
     modules = dict(model.named_modules())
     columns = {name: _check_layer(modules, name, info, tensors) for name, info in meta["layers"].items()}
     smallest = min(min(info["shape"]) for info in meta["layers"].values())
-    if cfg.rank > smallest and not cfg.method == "svdiff":
+    if cfg.rank > smallest and get_method(cfg.method).rank_is_columns:
         raise AdapterFileError(f"{path}: field 'config.rank' = {cfg.rank} exceeds the layers' min(out, in) = {smallest}")
     has_sig = any(k.startswith(SIG_PREFIX) for k in tensors) or "basis_signature" in meta
     by_layer: dict[str, dict[str, torch.Tensor]] = {}

@@ -66,6 +66,8 @@ class SpectralDelta(nn.Module):
     Options: ClassVar[type] = NoOptions
     #: whether ΔW is zero at initialisation (checked by the shared invariant tests)
     zero_init: ClassVar[bool] = True
+    #: ``cfg.rank`` counts singular columns, so it cannot exceed a layer's ``min(out, in)`` (load-time check)
+    rank_is_columns: ClassVar[bool] = True
 
     def __init__(self, basis: Basis, weight: torch.Tensor, cfg: SpectralConfig, columns: torch.Tensor):
         """Args:

@@ -22,6 +22,7 @@ from .base import SpectralDelta, register_method
 @register_method
 class LowRank(SpectralDelta):
     name = "lowrank"
+    rank_is_columns = False  # a factor width (fused concepts side by side), not singular columns
 
     @classmethod
     def num_components(cls, cfg, out_features, in_features):

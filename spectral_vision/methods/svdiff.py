@@ -21,6 +21,7 @@ from .base import SpectralDelta, register_method
 @register_method
 class SVDiff(SpectralDelta):
     name = "svdiff"
+    rank_is_columns = False  # every singular value is shifted, whatever the rank
 
     @classmethod
     def num_components(cls, cfg, out_features, in_features):
