@@ -438,7 +438,7 @@ def test_digit_concept_main_job(tmp_path, capsys):
     finally:
         reset_accelerate()
     printed = capsys.readouterr().out
-    assert "python -m fusion --base builtin:digits --adapters" in printed and "demos/fusion_app.py" in printed
+    assert "python -m fusion --base builtin:digits --adapters" in printed and "python -m demos.fusion_app" in printed
     grid = np.asarray(Image.open(out / db.GRID))
     assert grid.shape == (64, 320, 3)  # 2 rows (base, concept) x 10 digits, 32 px
     from spectral_vision.integrations.diffusers import load_pipeline

@@ -259,7 +259,7 @@ def next_steps(args, ctx) -> list[str]:
     fused = out.parent / "fused"
     lines += [f"Next: fuse it:    python -m fusion --base {args.pretrained_model_name_or_path} --adapters "
               f"{' '.join([str(out)] + others[:3])} --mode spectral --out {fused}",
-              "      try it:     python demos/fusion_app.py"]
+              "      try it:     python -m demos.fusion_app"]
     return lines
 
 
