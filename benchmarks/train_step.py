@@ -32,7 +32,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from contextlib import nullcontext
 from datetime import datetime, timezone
@@ -42,7 +41,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 import spectral_vision as sv  # noqa: E402
 from spectral_vision.baselines import BASELINES, attach_adapter  # noqa: E402
 from spectral_vision.fastpath import set_forward_form  # noqa: E402

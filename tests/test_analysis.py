@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 import spectral_vision as sv
 from spectral_vision import analysis
 from spectral_vision.zoo import create_model
-from conftest import perturb
+from helpers import perturb
 
 
 def _orthonormal(n, m, seed):

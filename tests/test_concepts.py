@@ -1,6 +1,5 @@
 """Built-in digit concept sets (captions, signatures) and the shipped concept adapters on builtin:digits."""
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +7,6 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "training"))
 
 import digit_concepts as dc  # noqa: E402
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import spectral_vision as sv
-from conftest import perturb
+from helpers import perturb
 
 METHODS = sv.available_methods()
 

@@ -75,7 +75,7 @@ def test_pretrain_tiny_run_resumes_exports_and_evaluates(tmp_path, monkeypatch):
               "--train_batch_size", "4", "--checkpointing_steps", "1", "--eval_samples", "0"]
     pre.main(pre.parse_args(common + ["--stage", "vae"]))
     pre.main(pre.parse_args(common + ["--stage", "unet", "--max_train_steps", "2"]))
-    ck = torch.load(tmp_path / "run/unet_checkpoint.pt", weights_only=False)
+    ck = torch.load(tmp_path / "run/unet_checkpoint.pt", weights_only=True)
     assert ck["step"] == 2
     rec = pre.main(pre.parse_args(common + ["--stage", "unet", "--max_train_steps", "3"]))
     assert rec["unet_steps"] == 3 and rec["resumed_from_step"] == 2  # resumed, not restarted

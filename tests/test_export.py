@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 import spectral_vision as sv
 from spectral_vision.zoo import create_model
-from conftest import perturb
+from helpers import perturb
 
 peft = pytest.importorskip("peft")
 

@@ -12,7 +12,7 @@ from torch import nn
 
 import spectral_vision as sv
 from spectral_vision import geometry
-from conftest import perturb
+from helpers import perturb
 
 timm_layers = pytest.importorskip("timm.layers")
 METHODS = sv.available_methods()

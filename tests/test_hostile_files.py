@@ -13,7 +13,7 @@ import spectral_vision as sv
 from spectral_vision import adapter_file, io as svio
 from spectral_vision.fileio import file_sha256
 from spectral_vision.zoo import create_model
-from conftest import perturb
+from helpers import perturb
 
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 

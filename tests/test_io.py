@@ -12,7 +12,7 @@ from spectral_vision import io as svio
 from spectral_vision.fileio import file_sha256
 from spectral_vision.svd import decompose
 from spectral_vision.zoo import create_model
-from conftest import perturb
+from helpers import perturb
 
 
 class Head(nn.Module):

@@ -9,7 +9,7 @@ import spectral_vision as sv
 from spectral_vision.integrations import transformers as svt
 from spectral_vision.zoo import create_model
 
-from conftest import perturb
+from helpers import perturb
 
 
 def tiny_bert(seed=0):

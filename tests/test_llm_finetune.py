@@ -2,15 +2,12 @@
 import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from spectral_vision.zoo import create_model
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
 from test_llm import tiny_bert  # noqa: E402  (the tiny BERT classifier shared with the integration tests)
 
 

@@ -10,7 +10,7 @@ from torch import nn
 
 import spectral_vision as sv
 from spectral_vision.adapter_file import SIG_PREFIX
-from conftest import perturb
+from helpers import perturb
 
 METHODS = sv.available_methods()
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import spectral_vision as sv
-from conftest import perturb
+from helpers import perturb
 from spectral_vision.importance import score_importance, select_components
 from spectral_vision.methods.lorsa import projections
 from spectral_vision.zoo import create_model

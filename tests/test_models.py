@@ -4,7 +4,7 @@ import torch
 
 import spectral_vision as sv
 from spectral_vision.zoo import create_model
-from conftest import perturb
+from helpers import perturb
 
 
 def _vit_inputs():

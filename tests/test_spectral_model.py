@@ -6,7 +6,7 @@ import torch
 
 import spectral_vision as sv
 from spectral_vision.zoo import create_model
-from conftest import perturb
+from helpers import perturb
 
 CASES = {  # zoo model, preset, inputs, attribute forwarded from the wrapped model
     "timm-vit": ("tiny-vit", "timm_vit", lambda: (torch.randn(2, 3, 32, 32),), "default_cfg"),

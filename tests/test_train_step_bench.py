@@ -1,11 +1,8 @@
 """Smoke tests of benchmarks/train_step.py on the CPU (tiny zoo models; the GPU run is benchmarks/gpu_check.sh)."""
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import train_step  # noqa: E402
 
 

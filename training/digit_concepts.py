@@ -26,14 +26,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence, Union
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # eval_digits_base beside it
 
 __all__ = ["Concept", "CONCEPTS", "EXTRA_CONCEPTS", "ALL_CONCEPTS", "set_tokens", "heldout_digits", "InstanceSet", "bold", "thin", "slant", "invert", "ink", "stroke_width", "slant_degrees", "background",
            "apply", "signatures", "write_instance_set", "concept_prompt"]

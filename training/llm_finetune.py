@@ -33,7 +33,6 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 
 import numpy as np
@@ -41,7 +40,6 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import resolve_resume, save_checkpoint  # noqa: E402
 from llm_data import collate, encode, few_shot_split, load_records  # noqa: E402,F401  (few_shot_split: re-export)
 

@@ -17,7 +17,7 @@ Recipe (fixed seeds, everything recorded in ``<output_dir>/recipe.json`` and the
    loss weighting, EMA; the EMA weights are shipped.
 5. export: one fp16 safetensors file (``spectral_vision/assets/digits_base.safetensors``) + evaluation.
 
-Checkpoints are atomic (``os.replace``) and the UNet stage resumes from the last one (optimizer,
+Checkpoints are atomic (``fileio.atomic_write``) and the UNet stage resumes from the last one (optimizer,
 scheduler, EMA and RNG state) with ``--resume_from_checkpoint latest`` (the default).
 """
 from __future__ import annotations
@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -36,8 +34,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from eval_digits_base import PROMPT, evaluate, load_digit_images, save_grid, split_indices  # noqa: E402
+from eval_digits_base import PROMPT, evaluate, load_digit_images, save_grid, split_indices
+
+from spectral_vision.fileio import atomic_write
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -84,9 +83,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # a half-written checkpoint is never visible under the final name
+    """``torch.save`` through :func:`spectral_vision.fileio.atomic_write` (read back with ``weights_only=True``)."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))  # a half-written checkpoint is never visible
 
 
 def data(args) -> dict:
@@ -171,7 +169,7 @@ def train_vae(args, d: dict, out: Path) -> dict:
 
 
 def load_vae(args, out: Path):
-    ckpt = torch.load(out / "vae.pt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(out / "vae.pt", map_location="cpu", weights_only=True)
     vae = build_vae(args)
     vae.load_state_dict(ckpt["state_dict"])
     vae.register_to_config(scaling_factor=ckpt["config"]["scaling_factor"])
@@ -217,7 +215,7 @@ def train_unet(args, d: dict, out: Path) -> dict:
     step, elapsed, ckpt_path = 0, 0.0, out / "unet_checkpoint.pt"
     resumed_from = None
     if args.resume_from_checkpoint == "latest" and ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         unet.load_state_dict(ck["unet"]), opt.load_state_dict(ck["optimizer"]), lr_sched.load_state_dict(ck["lr"])
         ema = ck["ema"]
         gen.set_state(ck["generator"]), torch.set_rng_state(ck["torch_rng"])
@@ -279,7 +277,7 @@ def export(args, d: dict, out: Path, recipe: dict) -> dict:
     vae, vae_info = load_vae(args, out)
     text_encoder, tokenizer = build_text(args)
     unet = build_unet(args)
-    ck = torch.load(out / "unet_ema.pt", map_location="cpu", weights_only=False)
+    ck = torch.load(out / "unet_ema.pt", map_location="cpu", weights_only=True)
     unet.load_state_dict(ck["state_dict"])
     # SD 1.x's scheduler betas; DPM-Solver++ gives clean samples in 20 steps
     sched = DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
