@@ -31,7 +31,6 @@ import argparse
 import copy
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -48,6 +47,7 @@ from llm_finetune import few_shot_split  # noqa: E402
 
 import spectral_vision as sv  # noqa: E402
 from spectral_vision import offline  # noqa: E402
+from spectral_vision.fileio import atomic_write_text  # noqa: E402
 from spectral_vision.baselines import attach_adapter, is_peft_method  # noqa: E402
 
 METHODS = ("spectral_a", "spectral_r", "speclora", "lorsa", "lora", "dora", "pissa", "linear")
@@ -609,14 +609,10 @@ def write_markdown(out: Path) -> Path:
         lines += [f"## {path.stem}", "", f"settings: `{json.dumps(info)}`", ""]
         lines += _table(data["runs"], st.get("budget")) + [""]
     md = out / "paper_claims.md"
-    atomic_text(md, "\n".join(lines) + "\n")
+    atomic_write_text(md, "\n".join(lines) + "\n")
     return md
 
 
-def atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def main(a) -> dict:

@@ -4,7 +4,6 @@ Tiers: ``slow``, ``browser`` and ``ddp`` tests are deselected by the default ``a
 runs everything (``.ci/run``), ``-m slow`` only the slow ones. Naming test files or node ids on the command
 line without ``-m`` runs them whatever their tier. ``cuda`` tests are skipped when no CUDA device is visible.
 """
-import os
 from pathlib import Path
 
 import pytest

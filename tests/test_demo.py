@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import spectral_vision as sv
-from tests.conftest import perturb
+from helpers import perturb
 
 from demos.sessions import AppConfig, PipelineCache, Session
 from demos.store import SessionStore

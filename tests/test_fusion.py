@@ -17,7 +17,7 @@ from fusion.backends import all_layers
 from fusion.fuse import add_fused_adapter, fuse
 from fusion.metrics import spaces, principal_angles
 from fusion.record import least_squares_weights, ls_objective
-from tests.conftest import perturb
+from helpers import perturb
 
 CONCEPTS = ["c0", "c1", "c2"]
 
