@@ -41,7 +41,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .io import CONFIG_NAME, _atomic_write
+from .fileio import atomic_write
+from .io import CONFIG_NAME
 from .geometry import find_geometry, flatten_2d, layer_kind, weight_2d
 from .layers import SpectralLayer
 from .presets import PRESETS, _compile
@@ -312,7 +313,7 @@ def save_report(records: list[dict], out_dir: Union[str, Path], layers: Optional
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "analysis.json", "csv": out / "analysis.csv"}
-    _atomic_write(paths["json"], lambda f: Path(f).write_text(json.dumps(records, indent=1)))
+    atomic_write(paths["json"], lambda f: Path(f).write_text(json.dumps(records, indent=1)))
     rows = [summary_row(r) for r in records]
 
     def write_csv(f):
@@ -321,7 +322,7 @@ def save_report(records: list[dict], out_dir: Union[str, Path], layers: Optional
             w.writeheader()
             w.writerows(rows)
 
-    _atomic_write(paths["csv"], write_csv)
+    atomic_write(paths["csv"], write_csv)
     if not figures or not records:
         return paths
     from matplotlib.figure import Figure

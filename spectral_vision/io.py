@@ -40,7 +40,6 @@ __all__ = ["save_adapter", "load_adapter", "read_adapter", "base_fingerprint", "
 
 SIGMA_RTOL = 1e-2  # singular values of the same base agree far better than this across dtypes/devices
 DELTA_LIMIT = 1e4  # ‖B‖·‖A‖ (a bound of ‖ΔW‖) above this × max(‖W‖, 1) is refused: 1e30 tensors, alpha 1e30
-_atomic_write = atomic_write  # old name, used by other modules
 
 
 def base_fingerprint(layers: dict) -> str:
