@@ -95,3 +95,28 @@ def test_meta_default_device_keeps_everything_on_cpu(method, tmp_path):
             torch.testing.assert_close(fresh(x), y, atol=1e-5, rtol=1e-5)
         sv.detach(fresh)
     assert not list(sv.spectral_layers(fresh))
+
+
+@pytest.mark.parametrize("method,mode", [("spectral_a", "spectral"), ("spectral_r", "spectral"), ("svdiff", "mean"),
+                                         ("spectral_a", "least_squares")])
+def test_meta_default_device_fuse_and_export_stay_on_cpu(method, mode, tmp_path):
+    """Fusion (every adapter it builds) and LoRA export under a meta default device (issue 13)."""
+    from fusion import add_fused_adapter
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), nn.GELU(), nn.Linear(16, 8))
+    x = torch.randn(3, 12)
+    for band, name in enumerate(["a", "b"]):
+        sv.attach(model, sv.SpectralConfig(method=method, rank=2, band=band, target_modules=["0", "2"]),
+                  adapter_name=name)
+    perturb(model)
+    inputs = {"a": [x], "b": [x + 1]}
+    with torch.device("meta"):
+        add_fused_adapter(model, ["a", "b"], mode=mode, inputs=inputs, progress=False)
+        assert not _all_on(model, "cpu"), _all_on(model, "cpu")
+        with torch.no_grad():
+            y = model(x)
+        assert y.device.type == "cpu" and torch.isfinite(y).all()
+        if mode != "least_squares":  # its fused ΔW is dense (no exact low-rank file); the others export
+            report = sv.export_lora(model, tmp_path / "fused.safetensors", adapter_name="fused")
+            assert report["max_rel_error"] < 1e-5  # svdiff's fused factors are re-factored to min(out, in)
