@@ -13,6 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from spectral_vision.adapter_file import SIG_PREFIX
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "training" / "dreambooth_spectral.py"
 import common  # noqa: E402  (training/ and benchmarks/ come from pytest's pythonpath)
@@ -51,6 +53,8 @@ def saved_hash(out: Path, components=("text_encoder", "unet")) -> str:
     for comp in components:
         tensors = load_file(str(out / comp / "adapter_model.safetensors"))
         for k in sorted(tensors):
+            if k.startswith(SIG_PREFIX):  # the basis signature beside the adapter's own tensors
+                continue
             h.update(f"{comp}.{k}".encode())
             h.update(tensors[k].float().contiguous().numpy().tobytes())
     return h.hexdigest()
