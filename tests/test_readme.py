@@ -63,8 +63,8 @@ def parse_page(path: Path) -> dict:
     out = {"items": [], "requires": [], "skipped": []}
     i = 0
     while i < len(lines):
-        for kind, arg in MARK.findall(lines[i]):
-            if kind == "requires":
+        for kind, arg in MARK.findall(lines[i]) if lines[i].lstrip().startswith("<!--") else []:
+            if kind == "requires":  # a directive on its own line (not one quoted in the text)
                 out["requires"] += arg.split()
         m = FENCE.match(lines[i])
         if not m:
