@@ -189,7 +189,7 @@ def export_lora(
                 key = _kohya_name(comp, module, name)
                 tensors[f"{key}.lora_down.weight"] = down.to(dtype).contiguous()
                 tensors[f"{key}.lora_up.weight"] = up.to(dtype).contiguous()
-                tensors[f"{key}.alpha"] = torch.tensor(float(rank), dtype=dtype)  # scale alpha/rank = 1
+                tensors[f"{key}.alpha"] = torch.tensor(float(rank), dtype=dtype, device="cpu")  # alpha/rank = 1
             ranks[name] = rank
             layers[key] = {"component": comp, "module": name, "kind": layer.kind,
                            "shape": list(layer.weight_shape), **info, "rank": rank}
