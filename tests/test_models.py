@@ -211,13 +211,20 @@ def test_trainable_parameters_count():
     assert "trainable%" in str(count)
 
 
-def test_open_clip_towers_and_mha_refusal(tmp_path):
+def _open_clip_with_features():
+    """A tiny open_clip model and ``feats(m)``: its image + text features on fixed inputs, ``(2, 2 * d)``."""
     model = create_model("tiny-open-clip")
     image, text = torch.randn(2, 3, 32, 32), torch.randint(0, 49408, (2, 77))
 
     def feats(m):
         with torch.no_grad():
             return torch.cat([m.encode_image(image), m.encode_text(text)], 1)
+
+    return model, feats
+
+
+def test_open_clip_towers_and_mha_refusal(tmp_path):
+    model, feats = _open_clip_with_features()
 
     f0 = feats(model)
     sv.attach(model, sv.SpectralConfig(method="spectral_r", rank=2, target_modules="open_clip"))
@@ -301,12 +308,7 @@ def test_real_conv_nets_exact(net, method, tmp_path):
 
 
 def test_open_clip_attention_in_projection(tmp_path):
-    model = create_model("tiny-open-clip")
-    image, text = torch.randn(2, 3, 32, 32), torch.randint(0, 49408, (2, 77))
-
-    def feats(m):
-        with torch.no_grad():
-            return torch.cat([m.encode_image(image), m.encode_text(text)], 1)
+    model, feats = _open_clip_with_features()
 
     state0 = {k: v.clone() for k, v in model.state_dict().items()}
     f0 = feats(model)
