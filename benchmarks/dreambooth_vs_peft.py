@@ -30,9 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("spectral", "peft_lora")
 
 
@@ -102,10 +100,10 @@ def attach_peft_lora(unet, rank: int) -> None:
 def worker(args) -> dict:
     import torch
 
-    sys.path.insert(0, str(ROOT / "training"))
-    import dreambooth_spectral as db
     from accelerate import Accelerator
-    from common import cast_frozen_, step_seed
+
+    from training import dreambooth_spectral as db
+    from training.common import cast_frozen_, step_seed
 
     torch.set_num_threads(args.threads)
     dargs = db.parse_args(["--pretrained_model_name_or_path", args.model, "--adapter", args.adapter,

@@ -29,7 +29,6 @@ import argparse
 import itertools
 import json
 import os
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -37,11 +36,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from training import digit_concepts as dc
+from training.eval_digits_base import DigitJudge, generate, load_digit_images, save_grid
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "training"))
-sys.path.insert(0, str(REPO))
-import digit_concepts as dc  # noqa: E402
-from eval_digits_base import DigitJudge, generate, load_digit_images, save_grid  # noqa: E402
 
 MODES = {"spectral_a": ("spectral", "mean", "weighted", "lora_sum", "least_squares"),
          "spectral_r": ("spectral", "mean", "weighted", "lora_sum", "least_squares"),
@@ -159,7 +157,7 @@ def _measure(pipe, tokens: Sequence[str], seeds: Sequence[int]) -> dict:
 
 def task_train(method: str, recipe: tuple, concept: str, band: int, out: str, data: dict, seeds) -> dict:
     """Train one concept (skipped when ``out`` holds a finished run) and measure it solo."""
-    import dreambooth_spectral as db
+    from training import dreambooth_spectral as db
 
     t0 = time.time()
     lr, steps, te_lr = recipe

@@ -41,3 +41,23 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     """Every test session uses its own SVD cache folder."""
     monkeypatch.setenv("SPECTRAL_VISION_CACHE", str(tmp_path_factory.getbasetemp() / "svcache"))
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models on a shared 2-core machine: one torch thread is ~30x faster than oversubscribed threads."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def vtab_root(tmp_path_factory) -> str:
+    """A VTAB-1k data root with the offline fixture's svhn and dtd (reduced splits, 32 px), built once per module."""
+    from training import make_vtab_fixture
+
+    root = str(tmp_path_factory.mktemp("vtab") / "data")
+    make_vtab_fixture.main(make_vtab_fixture.parse_args(["--out", root, "--tasks", "svhn", "dtd", "--small",
+                                                         "--size", "32"]))
+    return root

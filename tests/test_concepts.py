@@ -6,12 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-
-import digit_concepts as dc  # noqa: E402
-
-from spectral_vision.assets import read_metadata  # noqa: E402
-from spectral_vision.assets.concepts import builtin_concepts, concept_info  # noqa: E402
+from spectral_vision.assets import read_metadata
+from spectral_vision.assets.concepts import builtin_concepts, concept_info
+from training import digit_concepts as dc
 
 
 def _read_set(folder: Path) -> tuple[list[dict], np.ndarray]:
@@ -37,7 +34,7 @@ def test_instance_set_captions_carry_digit_and_token(tmp_path):
     assert (sig["bold"] > csig["bold"] + 2).all()
     assert abs(np.median(sig["slant"] - csig["slant"])) < 3
     # held-out digits only: none is a digit the base was trained on
-    from eval_digits_base import load_digit_images
+    from training.eval_digits_base import load_digit_images
 
     images, _ = load_digit_images()
     train = images[np.asarray(read_metadata()["recipe"]["split"]["train"])].reshape(-1, 32 * 32)

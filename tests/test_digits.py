@@ -1,19 +1,14 @@
 """builtin:digits (the trained offline base), its pretraining / evaluation scripts, the digit concepts and
 the fusion benchmark's --quick mode."""
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-
-import digit_concepts as dc  # noqa: E402
-from eval_digits_base import DigitJudge, load_digit_images, split_indices  # noqa: E402
-
-from spectral_vision.assets import DIGITS_BASE, pipeline_from_asset, read_metadata  # noqa: E402
+from spectral_vision.assets import DIGITS_BASE, pipeline_from_asset, read_metadata
+from training import digit_concepts as dc
+from training.eval_digits_base import DigitJudge, load_digit_images, split_indices
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +61,8 @@ def test_concept_transforms_move_their_signature(heldout):
 @pytest.mark.slow
 def test_pretrain_tiny_run_resumes_exports_and_evaluates(tmp_path, monkeypatch):
     """A shrunk pretraining run: VAE, UNet (then resumed to one more step), fp16 export, evaluation."""
-    import eval_digits_base
-    import pretrain_digits_base as pre
+    from training import eval_digits_base
+    from training import pretrain_digits_base as pre
 
     asset = tmp_path / "asset.safetensors"
     common = ["--output_dir", str(tmp_path / "run"), "--asset", str(asset), "--vae_channels", "8", "16", "16",

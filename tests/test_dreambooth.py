@@ -1,5 +1,5 @@
-"""DreamBooth script on the offline builtin:tiny-sd (32 px): run, replay after SIGKILL, LoRA export, DDP, bad inputs."""
-import hashlib
+"""DreamBooth script on the offline builtin:tiny-sd (32 px): run, replay after SIGKILL, LoRA export, DDP, bad inputs,
+diffusers' flag set, the benchmark's worker (inputs and captions: test_dreambooth_data.py)."""
 import json
 import os
 import signal
@@ -8,57 +8,14 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from spectral_vision.adapter_file import SIG_PREFIX
-
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "training" / "dreambooth_spectral.py"
-import common  # noqa: E402  (training/ and benchmarks/ come from pytest's pythonpath)
-import dreambooth_spectral as db  # noqa: E402
-
-# the random-weight tiny base (the script's default is the trained builtin:digits)
-BASE = ["--pretrained_model_name_or_path", "builtin:tiny-sd", "--instance_data_dir", "builtin:chelsea"]
-# the same run everywhere (in process, killed + resumed, ...): text encoder too, accumulation, flips, warmup
-TRAIN = [*BASE, "--max_train_steps", "10", "--checkpointing_steps", "2", "--checkpoints_total_limit", "2",
-         "--train_batch_size", "1", "--gradient_accumulation_steps", "2", "--lr_scheduler", "linear",
-         "--lr_warmup_steps", "2", "--seed", "0", "--band", "0", "--train_text_encoder", "--random_flip"]
-
-
-def reset_accelerate():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
-def run_main(argv):
-    reset_accelerate()
-    try:
-        return db.main(db.parse_args(BASE + argv))  # a later --pretrained_model_name_or_path wins
-    finally:
-        reset_accelerate()
-
-
-def env_for_subprocess():
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-
-
-def saved_hash(out: Path, components=("text_encoder", "unet")) -> str:
-    """``adapter_hash`` recomputed from the saved adapter folders."""
-    h = hashlib.sha256()
-    for comp in components:
-        tensors = load_file(str(out / comp / "adapter_model.safetensors"))
-        for k in sorted(tensors):
-            if k.startswith(SIG_PREFIX):  # the basis signature beside the adapter's own tensors
-                continue
-            h.update(f"{comp}.{k}".encode())
-            h.update(tensors[k].float().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
+from helpers import (DB_BASE, DB_TRAIN, DREAMBOOTH_SCRIPT, reset_accelerate, run_dreambooth, saved_adapter_hash,
+                     subprocess_env)
+from training import common
+from training import dreambooth_spectral as db
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
@@ -70,39 +27,12 @@ def run(tmp_path_factory):
         mp.setenv("SPECTRAL_VISION_CACHE", cache)
         torch.set_num_threads(1)
         try:
-            summary = run_main(TRAIN + ["--output_dir", str(concepts / "cat"), "--validation_prompt", "a sks cat",
+            summary = run_dreambooth(DB_TRAIN + ["--output_dir", str(concepts / "cat"), "--validation_prompt", "a sks cat",
                                         "--num_validation_images", "1", "--validation_inference_steps", "2",
                                         "--validation_epochs", "1", "--report_to", "tensorboard"])
         finally:
             torch.set_num_threads(threads)
     return concepts / "cat", summary
-
-
-# ---- the built-in base -----------------------------------------------------------------------------------------
-def test_builtin_tokenizer_is_clip_bpe():
-    from open_clip.tokenizer import SimpleTokenizer
-    from transformers import CLIPTokenizer
-    from spectral_vision.integrations.diffusers import resolve_pretrained
-
-    tok = CLIPTokenizer.from_pretrained(resolve_pretrained("builtin:tiny-sd"), subfolder="tokenizer")
-    ref = SimpleTokenizer()
-    assert len(tok) == 49408 and tok.bos_token_id == 49406 and tok.eos_token_id == 49407
-    for text in ["a photo of sks dog", "A Cat, sitting on the mat!", "astronaut riding a horse 1234"]:
-        assert tok(text).input_ids == [49406] + ref.encode(text) + [49407]
-    assert tok.convert_tokens_to_ids(["a</w>", "photo</w>"]) == [320, 1125]  # CLIP's well-known ids
-
-
-def test_bundled_instance_images(tmp_path):
-    from PIL import Image
-    from spectral_vision.integrations.diffusers import bundled_instance_images
-
-    folder = bundled_instance_images("chelsea,coffee", tmp_path / "inst", views=3)
-    files = sorted(folder.glob("*.png"))
-    assert [f.name for f in files] == [f"{n}_{i}.png" for n in ("chelsea", "coffee") for i in range(3)]
-    sizes = [Image.open(f).size for f in files]
-    assert all(w == h for w, h in sizes) and sizes[0] == (300, 300)  # chelsea is 300x451
-    with pytest.raises(ValueError, match="available"):
-        bundled_instance_images("lena", tmp_path / "x")
 
 
 # ---- a short run --------------------------------------------------------------------------------------------
@@ -116,7 +46,7 @@ def test_short_run_outputs(run):
         assert a_u and all(v.dtype == torch.float32 for v in a_u)
         # trained away from the zero init: Adam moves a weight by about lr per update (5 updates at full lr here)
         assert 2 * lr < max(v.abs().max().item() for v in a_u) < 20 * lr
-    assert summary["adapter_sha256_per_rank"] == [saved_hash(out)]
+    assert summary["adapter_sha256_per_rank"] == [saved_adapter_hash(out)]
     assert [p.name for _, p in common.list_checkpoints(out)] == ["checkpoint-8", "checkpoint-10"]  # total_limit 2
     args = json.loads((out / "training_args.json").read_text())
     assert args["args"]["band"] == "0" and args["summary"]["band"] == 0 and args["args"]["seed"] == 0
@@ -180,9 +110,9 @@ def test_incomplete_checkpoints_are_never_latest(tmp_path):
 def test_resume_after_sigkill_replays_the_run(run, tmp_path):
     ref_out, ref = run
     out = tmp_path / "cat"
-    cmd = [sys.executable, str(SCRIPT), *TRAIN, "--output_dir", str(out), "--report_to", "none", "--no_register"]
+    cmd = [sys.executable, str(DREAMBOOTH_SCRIPT), *DB_TRAIN, "--output_dir", str(out), "--report_to", "none", "--no_register"]
     with open(tmp_path / "killed.log", "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env_for_subprocess())
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=subprocess_env(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
         deadline = time.time() + 300
         while not common.list_checkpoints(out) and proc.poll() is None and time.time() < deadline:
             time.sleep(0.02)
@@ -195,7 +125,7 @@ def test_resume_after_sigkill_replays_the_run(run, tmp_path):
     (out / "checkpoint-99").mkdir()  # decoys: neither may be picked as "latest"
     (out / "checkpoint-100.tmp").mkdir()
     res = subprocess.run(cmd + ["--resume_from_checkpoint", "latest"], capture_output=True, text=True,
-                         env=env_for_subprocess(), timeout=300)
+                         env=subprocess_env(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"), timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"Resuming from checkpoint {last[1]} at step {last[0]}" in res.stderr
     summary = json.loads((out / "training_args.json").read_text())["summary"]
@@ -207,7 +137,7 @@ def test_resume_after_sigkill_replays_the_run(run, tmp_path):
 
 # ---- precision, prior preservation, DDP ----------------------------------------------------------------------------
 def test_bf16_prior_preservation_snr(tmp_path):
-    argv = [*BASE, "--output_dir", str(tmp_path / "dog"), "--mixed_precision", "bf16", "--max_train_steps", "2",
+    argv = [*DB_BASE, "--output_dir", str(tmp_path / "dog"), "--mixed_precision", "bf16", "--max_train_steps", "2",
             "--train_batch_size", "1", "--lr_warmup_steps", "0", "--seed", "1", "--report_to", "none",
             "--with_prior_preservation", "--class_data_dir", str(tmp_path / "class"), "--class_prompt", "a cat",
             "--num_class_images", "2", "--class_inference_steps", "2", "--sample_batch_size", "2",
@@ -243,9 +173,9 @@ def test_fp16_flag_is_validated():
 @pytest.mark.ddp
 def test_ddp_two_cpu_processes_end_with_the_same_adapter(tmp_path):
     out = tmp_path / "cat"
-    env = dict(env_for_subprocess(), ACCELERATE_USE_CPU="1")  # accelerate: gloo DDP on CPU
+    env = subprocess_env(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", ACCELERATE_USE_CPU="1")  # accelerate: gloo DDP on CPU
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT), *BASE,
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(DREAMBOOTH_SCRIPT), *DB_BASE,
            "--output_dir", str(out), "--max_train_steps", "3", "--train_batch_size", "1", "--lr_warmup_steps", "0",
            "--seed", "0", "--report_to", "none", "--no_register", "--checkpointing_steps", "2"]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400)
@@ -253,7 +183,7 @@ def test_ddp_two_cpu_processes_end_with_the_same_adapter(tmp_path):
     summary = json.loads((out / "training_args.json").read_text())["summary"]
     assert summary["num_processes"] == 2
     hashes = summary["adapter_sha256_per_rank"]
-    assert len(hashes) == 2 and hashes[0] == hashes[1] == saved_hash(out, ("unet",))
+    assert len(hashes) == 2 and hashes[0] == hashes[1] == saved_adapter_hash(out, ("unet",))
     assert {p.name for p in (out / "checkpoint-2").glob("random_states_*.pkl")} == \
         {"random_states_0.pkl", "random_states_1.pkl"}  # each rank's RNG is checkpointed
 
@@ -280,7 +210,7 @@ def test_bad_inputs_fail_before_training(run, tmp_path, case):
     argv, message = _bad_inputs(tmp_path, case, run[0].parent)
     out = tmp_path / "out"
     with pytest.raises(db.InputError, match=message):
-        run_main(argv + ["--output_dir", str(out), "--report_to", "none", "--max_train_steps", "1",
+        run_dreambooth(argv + ["--output_dir", str(out), "--report_to", "none", "--max_train_steps", "1",
                          "--checkpointing_steps", "1"])
     assert not common.list_checkpoints(out) and not (out / "training_args.json").exists()
 
@@ -292,76 +222,12 @@ def test_bad_flag_combinations():
             db.parse_args(argv)
 
 
-# ---- per-image captions (issue 15) ----------------------------------------------------------------------------------
-def _captioned_folder(folder: Path, rows: list, txt: dict = None, images=("a.png", "b.png", "c.png")) -> Path:
-    from PIL import Image
-
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, name in enumerate(images):
-        Image.fromarray(np.full((40, 40, 3), 60 * i, np.uint8)).save(folder / name)
-    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    for name, text in (txt or {}).items():
-        (folder / name).write_text(text)
-    return folder
-
-
-def test_per_image_captions_reach_the_batches(tmp_path):
-    """metadata.jsonl column > <image>.txt > --instance_prompt; every item carries its own image's caption;
-    prior preservation generates class images for the per-image class prompts and captions them."""
-    from spectral_vision.integrations.diffusers import resolve_pretrained
-    from transformers import CLIPTokenizer
-
-    inst = _captioned_folder(tmp_path / "inst", [
-        {"file_name": "a.png", "text": "a handwritten digit 1 sks", "class_prompt": "a handwritten digit 1"},
-        {"file_name": "b.png", "class_prompt": "a handwritten digit 2"}], txt={"b.txt": "a handwritten digit 2 sks\n"})
-    argv = [*BASE, "--instance_data_dir", str(inst), "--instance_prompt", "a sks thing", "--output_dir",
-            str(tmp_path / "out"), "--max_train_steps", "2", "--train_batch_size", "3", "--lr_warmup_steps", "0",
-            "--seed", "0", "--report_to", "none", "--no_register", "--with_prior_preservation", "--class_data_dir",
-            str(tmp_path / "class"), "--num_class_images", "4", "--class_inference_steps", "1", "--resolution", "32"]
-    args = db.parse_args(argv)
-    inputs = db.prepare_inputs(args)
-    assert inputs.instance_captions == ["a handwritten digit 1 sks", "a handwritten digit 2 sks", "a sks thing"]
-    assert inputs.class_prompts == ["a handwritten digit 1", "a handwritten digit 2"]
-    summary = run_main(argv[len(BASE):])
-    assert summary["global_step"] == 2
-    rows = [json.loads(line) for line in (tmp_path / "class" / "metadata.jsonl").read_text().splitlines()]
-    assert sorted(r["text"] for r in rows) == ["a handwritten digit 1"] * 2 + ["a handwritten digit 2"] * 2
-    assert all((tmp_path / "class" / r["file_name"]).is_file() for r in rows)
-    # the dataset hands every image its own tokenized caption (instance and class)
-    tok = CLIPTokenizer.from_pretrained(resolve_pretrained("builtin:tiny-sd"), subfolder="tokenizer")
-    ds = db.make_dataset(args, tok, inputs)
-    captions = {r["file_name"]: r["text"] for r in rows}
-    for i in range(len(ds)):
-        item = ds[(i, 0)]
-        assert torch.equal(item["instance_prompt_ids"], db.tokenize(tok, inputs.instance_captions[i % 3]))
-        assert torch.equal(item["class_prompt_ids"], db.tokenize(tok, captions[ds.class_images[i % 4].name]))
-    batch = db.collate_fn([ds[(i, 0)] for i in range(3)])
-    assert batch["input_ids"].shape == (6, 77) and not torch.equal(batch["input_ids"][0], batch["input_ids"][1])
-
-
-@pytest.mark.parametrize("case", ["column", "uncaptioned", "escape", "json", "dup"])
-def test_bad_captions_are_refused(tmp_path, case):
-    rows, extra, message = {
-        "column": ([{"file_name": "a.png", "prompt": "x"}], [], r"no column 'text' \(columns: \['prompt'\]\)"),
-        "uncaptioned": ([{"file_name": "a.png", "text": "x"}], [], r"2 instance image\(s\) have no caption \(b.png, c.png"),
-        "escape": ([{"file_name": "../a.png", "text": "x"}], [], "is not a file of"),
-        "json": (["{bad"], [], "line 1 is not JSON"),
-        "dup": ([{"file_name": "a.png", "text": "x"}, {"file_name": "./a.png", "text": "y"}], [], "appears twice"),
-    }[case]
-    folder = tmp_path / "inst"
-    _captioned_folder(folder, [])
-    (folder / "metadata.jsonl").write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    args = db.parse_args([*BASE, "--instance_data_dir", str(folder), "--output_dir", str(tmp_path / "o"), *extra])
-    with pytest.raises(db.InputError, match=message):
-        db.prepare_inputs(args)
-
-
 # ---- diffusers' flag set (issue 17) -------------------------------------------------------------------------------
 def test_push_to_hub_offline_fails_before_training(tmp_path, monkeypatch):
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    args = db.parse_args(BASE + ["--push_to_hub", "--output_dir", str(tmp_path / "o"), "--report_to", "none"])
+    args = db.parse_args(DB_BASE + ["--push_to_hub", "--output_dir", str(tmp_path / "o"), "--report_to", "none"])
     with pytest.raises(db.InputError, match="--push_to_hub: the Hugging Face Hub is switched off here.*huggingface-cli"):
         db.setup(args)
     assert not (tmp_path / "o").exists()  # nothing started
@@ -389,7 +255,7 @@ def test_diffusers_flags_run_and_push(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **k: calls.append(("create", repo_id)))
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", lambda self, **k: calls.append(("upload", k)))
     out = tmp_path / "flags"
-    argv = [*BASE, "--output_dir", str(out), "--max_train_steps", "2", "--train_batch_size", "2", "--lr_warmup_steps",
+    argv = [*DB_BASE, "--output_dir", str(out), "--max_train_steps", "2", "--train_batch_size", "2", "--lr_warmup_steps",
             "0", "--seed", "0", "--report_to", "none", "--no_register", "--checkpointing_steps", "5",
             "--pre_compute_text_embeddings", "--text_encoder_use_attention_mask", "--set_grads_to_none",
             "--enable_xformers_memory_efficient_attention", "--image_interpolation_mode", "lanczos", "--push_to_hub"]
@@ -411,59 +277,16 @@ def test_diffusers_flags_run_and_push(tmp_path, monkeypatch, capsys):
         assert ctx.global_step == 2
     finally:
         reset_accelerate()
-    summary = run_main(argv[len(BASE):] + ["--overwrite_output_dir"])
+    summary = run_dreambooth(argv[len(DB_BASE):] + ["--overwrite_output_dir"])
     assert summary["global_step"] == 2
     assert calls[0] == ("create", "me/flags") and calls[1][1]["folder_path"] == str(out)
     assert "checkpoint-*" in calls[1][1]["ignore_patterns"]
     assert "Uploaded to https://huggingface.co/me/flags" in capsys.readouterr().out
 
 
-# ---- the main job: a built-in digit concept (issue 15) --------------------------------------------------------------
-@pytest.mark.slow  # materialises builtin:digits and the digit set in the test's own cache (~40 s on 2 free cores)
-def test_digit_concept_main_job(tmp_path, capsys):
-    """builtin:digits-bold: per-image captions with the digit, a class set, a grid whose top row is exactly
-    the untouched base for the same prompts and seeds, and the next commands."""
-    import digit_concepts as dc
-    from PIL import Image
-
-    if not hasattr(dc, "InstanceSet"):
-        pytest.skip("needs training/digit_concepts.py with write_instance_set(concept, folder) (concepts branch)")
-    out = tmp_path / "concepts" / "bold"
-    argv = ["--instance_data_dir", "builtin:digits-bold", "--output_dir", str(out), "--max_train_steps", "1",
-            "--train_batch_size", "2", "--with_prior_preservation", "--num_class_images", "4", "--seed", "0",
-            "--validation_inference_steps", "1", "--report_to", "none", "--lr_warmup_steps", "0", "--lora_export"]
-    reset_accelerate()
-    try:
-        args = db.parse_args(argv)
-        inputs = db.prepare_inputs(args)
-        assert inputs.instance_captions[:3] == [dc.concept_prompt(["bold"], d) for d in range(3)]
-        assert args.validation_prompt.split("|") == [dc.concept_prompt(["bold"], d) for d in range(10)]
-        db.main(db.parse_args(argv))
-    finally:
-        reset_accelerate()
-    printed = capsys.readouterr().out
-    assert "python -m fusion --base builtin:digits --adapters" in printed and "python -m demos.fusion_app" in printed
-    grid = np.asarray(Image.open(out / db.GRID))
-    assert grid.shape == (64, 320, 3)  # 2 rows (base, concept) x 10 digits, 32 px
-    from spectral_vision.integrations.diffusers import load_pipeline
-    from diffusers import DPMSolverMultistepScheduler
-    from common import step_seed
-
-    pipe = load_pipeline("builtin:digits")
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    digits = [0, 1, 2, 3]  # the first batch of --sample_batch_size (default 4) validation images
-    gens = [torch.Generator().manual_seed(step_seed(0, 11, d, 0)) for d in digits]
-    base = pipe([dc.concept_prompt(["bold"], d) for d in digits], num_inference_steps=1, height=32, width=32,
-                generator=gens).images
-    for d, im in zip(digits, base):
-        assert np.array_equal(grid[:32, 32 * d:32 * (d + 1)], np.asarray(im))
-    assert not np.array_equal(grid[:32], grid[32:])  # the concept row differs
-
-
 # ---- the benchmark's worker (same step, both adapters) ---------------------------------------------------------
 def test_benchmark_worker_runs_both_variants():
-    import dreambooth_vs_peft as bench
+    import dreambooth_vs_peft as bench  # benchmarks/ is on pytest's pythonpath
 
     threads = torch.get_num_threads()
     results = {}

@@ -7,11 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import common
-import dreambooth_spectral as db
-from test_dreambooth import BASE, run_main
+from helpers import DB_BASE, run_dreambooth
+from training import common
+from training import dreambooth_spectral as db
 
-FAST = [*BASE, "--max_train_steps", "2", "--train_batch_size", "1", "--lr_warmup_steps", "0", "--seed", "0",
+FAST = [*DB_BASE, "--max_train_steps", "2", "--train_batch_size", "1", "--lr_warmup_steps", "0", "--seed", "0",
         "--report_to", "none", "--checkpointing_steps", "1", "--lora_export"]
 
 
@@ -21,12 +21,12 @@ FAST = [*BASE, "--max_train_steps", "2", "--train_batch_size", "1", "--lr_warmup
                                    ["--adam_beta2", "1.5"], ["--prior_loss_weight", "inf"]])
 def test_bad_numbers_are_refused(flags, capsys):
     with pytest.raises(SystemExit):
-        db.parse_args(BASE + flags)
+        db.parse_args(DB_BASE + flags)
     assert f"{flags[0]} must be" in capsys.readouterr().err
 
 
 def test_absurd_batch_size_is_refused(tmp_path):
-    args = db.parse_args(BASE + ["--train_batch_size", "100000", "--output_dir", str(tmp_path / "o")])
+    args = db.parse_args(DB_BASE + ["--train_batch_size", "100000", "--output_dir", str(tmp_path / "o")])
     with pytest.raises(db.InputError, match=r"--train_batch_size 100000 is larger than the dataset \(4 examples\)"):
         db.prepare_inputs(args)
 
@@ -46,7 +46,7 @@ def test_16_bit_png_keeps_its_gray_level(tmp_path):
 def first_run(tmp_path_factory):
     """A 2-step run with a checkpoint per step, into concepts/cat."""
     out = tmp_path_factory.mktemp("concepts") / "cat"
-    summary = run_main(FAST + ["--output_dir", str(out)])
+    summary = run_dreambooth(FAST + ["--output_dir", str(out)])
     return out, summary
 
 
@@ -54,7 +54,7 @@ def test_diverging_run_stops_without_saving_non_finite_tensors(tmp_path):
     out = tmp_path / "hot"
     with pytest.raises(db.TrainingDiverged, match=r"diverged at step (\d+).*last good checkpoint is .*checkpoint-\d+"
                        r"|diverged at step 1: .*no earlier checkpoint") as e:
-        run_main(FAST + ["--output_dir", str(out), "--learning_rate", "1e30", "--max_train_steps", "4",
+        run_dreambooth(FAST + ["--output_dir", str(out), "--learning_rate", "1e30", "--max_train_steps", "4",
                          "--no_register"])
     step = int(str(e.value).split("diverged at step ")[1].split(":")[0])
     ckpts = common.list_checkpoints(out)
@@ -69,11 +69,11 @@ def test_output_dir_of_another_run_is_refused(first_run, tmp_path):
     before = (out / "unet" / "adapter_model.safetensors").read_bytes()
     with pytest.raises(db.InputError, match=r"holds a different run \(.*learning_rate: 0.0005 -> 0.001.*"
                                             r"--overwrite_output_dir"):
-        run_main(FAST + ["--output_dir", str(out), "--learning_rate", "1e-3"])
+        run_dreambooth(FAST + ["--output_dir", str(out), "--learning_rate", "1e-3"])
     assert (out / "unet" / "adapter_model.safetensors").read_bytes() == before  # untouched
     # resuming another run's checkpoint (here: from another folder) is refused as well
     with pytest.raises(db.InputError, match=r"checkpoint .*checkpoint-2 was made by a different run \(.*rank: 4 -> 2"):
-        run_main(FAST + ["--output_dir", str(tmp_path / "other"), "--rank", "2", "--no_register",
+        run_dreambooth(FAST + ["--output_dir", str(tmp_path / "other"), "--rank", "2", "--no_register",
                          "--resume_from_checkpoint", str(out / "checkpoint-2")])
 
 
@@ -82,7 +82,7 @@ def test_same_run_cleans_stale_temp_files_and_writes_0644(first_run):
     stale = [out / ".README.md.x1y2.tmp", out / "unet" / ".adapter_model.safetensors.ab.tmp"]
     for p in stale:
         p.write_bytes(b"")  # what a kill during the final save leaves
-    summary = run_main(FAST + ["--output_dir", str(out), "--resume_from_checkpoint", "latest", "--max_train_steps", "3"])
+    summary = run_dreambooth(FAST + ["--output_dir", str(out), "--resume_from_checkpoint", "latest", "--max_train_steps", "3"])
     assert summary["resumed_from"] == str(out / "checkpoint-2") and summary["global_step"] == 3
     assert not any(p.exists() for p in stale)
     files = [p for p in out.rglob("*") if p.is_file()]
@@ -97,7 +97,7 @@ def test_same_run_cleans_stale_temp_files_and_writes_0644(first_run):
 
 def test_overwrite_output_dir_replaces_the_other_run(first_run):
     out, _ = first_run
-    summary = run_main(FAST + ["--output_dir", str(out), "--learning_rate", "1e-3", "--overwrite_output_dir",
+    summary = run_dreambooth(FAST + ["--output_dir", str(out), "--learning_rate", "1e-3", "--overwrite_output_dir",
                                "--resume_from_checkpoint", "latest", "--max_train_steps", "1"])
     assert summary["resumed_from"] is None and summary["global_step"] == 1  # the other run's checkpoints are gone
     assert [s for s, _ in common.list_checkpoints(out)] == [1]
@@ -111,5 +111,5 @@ def test_full_band_folder_is_named(tmp_path):
     for i, name in enumerate(["a", "b"]):
         reg.register(name, tmp_path / name, "spectral_a", 16, band=i)
     with pytest.raises(db.InputError, match=r"all 2 bands of this folder .* are taken at rank 16"):
-        run_main(FAST + ["--output_dir", str(tmp_path / "c"), "--rank", "16"])
+        run_dreambooth(FAST + ["--output_dir", str(tmp_path / "c"), "--rank", "16"])
     assert set(reg.concepts()) == {"a", "b"} and not common.list_checkpoints(tmp_path / "c")

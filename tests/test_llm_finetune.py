@@ -25,7 +25,7 @@ def _word_tokenizer(texts):
 
 
 def _llm_finetune():
-    import llm_finetune
+    from training import llm_finetune
 
     return llm_finetune
 

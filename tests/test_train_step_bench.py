@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-import train_step  # noqa: E402
+import train_step
 
 
 def _run(tmp_path, *argv):

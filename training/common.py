@@ -1,9 +1,9 @@
 """Shared helpers for the training scripts (DreamBooth, VTAB, LLM): atomic checkpoints, resume, param groups.
 
-Small on purpose. A script in ``training/`` imports it directly (running a script puts its folder on
-``sys.path``; tests get ``training`` from pytest's ``pythonpath``)::
+Small on purpose. Scripts, benchmarks and tests import it from the ``training`` package (installed with the
+project, see ``training/__init__.py``)::
 
-    from common import save_checkpoint, resolve_resume, param_groups, cast_frozen_, step_seed
+    from training.common import save_checkpoint, resolve_resume, param_groups, cast_frozen_, step_seed
 
 Checkpoints are folders ``<output_dir>/checkpoint-<step>`` made **atomically**: the state is written to
 ``checkpoint-<step>.tmp``, a marker file (:data:`COMPLETE_MARKER`, JSON with the step and any ``info``) is

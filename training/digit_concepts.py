@@ -197,7 +197,7 @@ class InstanceSet:
 def heldout_digits(num_per_digit: int = 20, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """``num_per_digit`` held-out digits of each class from ``builtin:digits``' recorded split (never seen by the
     base): ``(10 * num_per_digit, 32, 32)`` gray in [0, 1] and labels, ordered 0, 1, ..., 9, 0, 1, ...."""
-    from eval_digits_base import load_digit_images
+    from training.eval_digits_base import load_digit_images
 
     from spectral_vision.assets import read_metadata
 

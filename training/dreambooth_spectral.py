@@ -24,8 +24,8 @@ The code lives in ``training/dreambooth/`` (args, data, dataset, models, runinfo
 """
 import sys
 
-from dreambooth import *  # noqa: F401,F403  (the script's folder is on sys.path when it runs)
-from dreambooth import InputError, TrainingDiverged, main, parse_args
+from training.dreambooth import *  # noqa: F401,F403
+from training.dreambooth import InputError, TrainingDiverged, main, parse_args
 
 if __name__ == "__main__":
     try:

@@ -40,10 +40,9 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from common import resolve_resume, save_checkpoint  # noqa: E402
-from llm_data import collate, encode, few_shot_split, load_records  # noqa: E402,F401  (few_shot_split: re-export)
-
-from spectral_vision.fileio import atomic_write_json  # noqa: E402
+from spectral_vision.fileio import atomic_write_json
+from training.common import resolve_resume, save_checkpoint
+from training.llm_data import collate, encode, load_records
 
 logger = logging.getLogger("llm_finetune")
 FULL = "full"

@@ -18,9 +18,8 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from vtab_tasks import resolve_tasks
-
 from spectral_vision.fileio import atomic_write_json
+from training.vtab_tasks import resolve_tasks
 
 SMALL_SIZES = {"train800": 24, "val200": 12, "test": 24}
 PHOTOS = ("astronaut", "camera", "coffee", "chelsea", "rocket", "brick", "grass", "gravel", "coins", "moon", "page",

@@ -34,9 +34,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from eval_digits_base import PROMPT, evaluate, load_digit_images, save_grid, split_indices
-
 from spectral_vision.fileio import atomic_write
+from training.eval_digits_base import PROMPT, evaluate, load_digit_images, save_grid, split_indices
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from vtab_tasks import CUSTOM, SPLIT_SIZES, TASKS, VTABTask, canonical_name, resolve_task
+from training.vtab_tasks import CUSTOM, SPLIT_SIZES, TASKS, VTABTask, canonical_name, resolve_task
 
 __all__ = ["NORMALIZATIONS", "FIXTURE_MARKER", "VTABDataError", "read_split", "validate_task", "fixture_info",
            "resolve_data_task", "check_data_root", "data_fingerprint", "VTABDataset"]

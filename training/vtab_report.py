@@ -24,7 +24,7 @@ from typing import Sequence
 import numpy as np
 
 from spectral_vision.fileio import atomic_write, atomic_write_text
-from vtab_tasks import CUSTOM, GROUPS, PUBLISHED, TASKS
+from training.vtab_tasks import CUSTOM, GROUPS, PUBLISHED, TASKS
 
 SCHEMA = "spectral-vision/vtab-result/1"
 AVERAGES = ("mean_of_group_means", "mean_of_19")

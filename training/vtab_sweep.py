@@ -36,10 +36,11 @@ import sys
 import time
 import traceback
 
-import vtab_train
 from tqdm.auto import tqdm
-from vtab_data import VTABDataError, check_data_root, resolve_data_task, validate_task
-from vtab_tasks import GROUPS, TASKS
+
+from training import vtab_train
+from training.vtab_data import VTABDataError, check_data_root, resolve_data_task, validate_task
+from training.vtab_tasks import GROUPS, TASKS
 
 TRAIN_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vtab_train.py")
 

@@ -28,13 +28,12 @@ import time
 
 import torch
 from torch.utils.data import DataLoader
-
 from tqdm.auto import tqdm
-from vtab_data import (NORMALIZATIONS, VTABDataError, VTABDataset, check_data_root, data_fingerprint, fixture_info,
-                       resolve_data_task)
-from vtab_tasks import TASKS, canonical_name
 
 from spectral_vision.fileio import atomic_write_json
+from training.vtab_data import (NORMALIZATIONS, VTABDataError, VTABDataset, check_data_root, data_fingerprint,
+                                fixture_info, resolve_data_task)
+from training.vtab_tasks import TASKS, canonical_name
 
 SCHEMA = "spectral-vision/vtab-result/1"
 HEAD_ONLY, FULL = "linear", "full"  # no adapter: train the head only / train everything

@@ -130,7 +130,7 @@ def digit_set(concept: str) -> SimpleNamespace:
     """``builtin:digits-<concept>``: held-out digits transformed by ``digit_concepts`` (written once into the
     cache): ``instance_dir``, ``class_dir`` (the same digits untransformed), per-image captions, ``validation``
     prompts (one per digit 0-9 with the concept's token)."""
-    import digit_concepts as dc  # training/digit_concepts.py (the script's folder is on sys.path)
+    from training import digit_concepts as dc
 
     known = list(getattr(dc, "ALL_CONCEPTS", dc.CONCEPTS))
     if concept not in known:

@@ -12,9 +12,9 @@ import torchvision.transforms.functional as TF
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from common import step_seed
 from spectral_vision.fileio import atomic_write, atomic_write_text
 from spectral_vision.integrations.diffusers import load_pipeline
+from training.common import step_seed
 
 from .data import METADATA, captions_for, list_images, load_rgb, read_metadata
 

@@ -13,8 +13,8 @@ from accelerate.logging import get_logger
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from common import cast_frozen_, checkpoint_info, list_checkpoints, save_accelerate_checkpoint, step_seed
 from spectral_vision.bands import BandError
+from training.common import cast_frozen_, checkpoint_info, list_checkpoints, save_accelerate_checkpoint, step_seed
 
 from .args import InputError
 from .data import check_band_free, prepare_inputs

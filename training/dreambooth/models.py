@@ -12,12 +12,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import spectral_vision as sv
-from common import param_groups
 from spectral_vision.baselines import attach_adapter, is_peft_method
 from spectral_vision.bands import layer_band_count
 from spectral_vision.integrations.diffusers import resolve_pretrained
 from spectral_vision.layers import layer_kind
 from spectral_vision.presets import match_targets
+from training.common import param_groups
 
 from .args import InputError
 

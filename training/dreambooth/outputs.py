@@ -13,10 +13,10 @@ import numpy as np
 import torch
 
 import spectral_vision as sv
-from common import step_seed
 from spectral_vision.bands import describe_columns
 from spectral_vision.baselines import is_peft_method
 from spectral_vision.fileio import atomic_write, atomic_write_json, atomic_write_text
+from training.common import step_seed
 
 from .args import LORA_FILES, InputError
 from .models import first_non_finite, is_spectral, save_component

@@ -8,9 +8,9 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from common import checkpoint_info, list_checkpoints, resolve_resume
 from spectral_vision.bands import describe_columns
 from spectral_vision.fileio import atomic_write_json
+from training.common import checkpoint_info, list_checkpoints, resolve_resume
 
 from .args import InputError
 
