@@ -13,7 +13,7 @@
 the dtype and rough device rates (:data:`RATES`): on a GPU, ViT-B- and SD-UNet-size layers train in the
 weight form; on a CPU, big layers keep the delta form. ``SPECTRAL_VISION_FORWARD=delta|weight|auto``
 changes the default; :func:`set_forward_form` fixes it per model or layer. Every form is exact to
-fp32 rounding and tested against ``delta_weight`` (``tests/test_methods_extra.py``).
+fp32 rounding and tested against ``delta_weight`` (``tests/test_fastpath.py``).
 """
 from __future__ import annotations
 

@@ -103,3 +103,36 @@ def own_vtab_task(root, tmp_path, name, keep_classes=5) -> str:
         rewrite_lines(os.path.join(dst, name, f"{split}.txt"),
                       lambda ls: [f"{p} {int(y) % keep_classes}" for p, y in (line.rsplit(" ", 1) for line in ls)])
     return dst
+
+
+# ---- fusion/ on tiny zoo models ----------------------------------------------------------------------------------
+FUSION_CONCEPTS = ["c0", "c1", "c2"]
+
+
+def fusion_concepts(model="tiny-clip-text", method="spectral_r", bands_=(0, 1, 2), rank=3, preset="clip_text",
+                    std=0.3, alpha=1.0):
+    """A tiny zoo model with one perturbed adapter per band, named ``FUSION_CONCEPTS[i]`` (all made active first,
+    so all are perturbed)."""
+    import spectral_vision as sv
+    from spectral_vision.zoo import create_model
+
+    m = create_model(model)
+    for i, b in enumerate(bands_):
+        sv.attach(m, sv.SpectralConfig(method=method, rank=rank, band=b, alpha=alpha, target_modules=preset),
+                  FUSION_CONCEPTS[i], progress=False)
+    sv.set_adapter(m, FUSION_CONCEPTS[: len(bands_)])
+    perturb(m, std=std, seed=3)
+    return m
+
+
+def fusion_snapshot(m, names) -> dict:
+    """Per layer name: the base ``W`` (out, in), the single-concept deltas ``d[name]`` (out, in) and their band
+    columns ``cols[name]``."""
+    import spectral_vision as sv
+
+    out = {}
+    for ln, layer in sv.spectral_layers(m):
+        out[ln] = {"W": layer.weight_2d().clone(), "d": {n: layer.adapters[n].delta_weight().detach().clone()
+                                                        for n in names if n in layer.adapters},
+                   "cols": {n: layer.adapters[n].columns.tolist() for n in names if n in layer.adapters}}
+    return out
