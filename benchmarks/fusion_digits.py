@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -39,6 +38,8 @@ import numpy as np
 from training import digit_concepts as dc
 from training.eval_digits_base import DigitJudge, generate, load_digit_images, save_grid
 
+from fusion_digits_report import export, markdown, strip, sweep_markdown
+
 REPO = Path(__file__).resolve().parents[1]
 
 MODES = {"spectral_a": ("spectral", "mean", "weighted", "lora_sum", "least_squares"),
@@ -46,9 +47,14 @@ MODES = {"spectral_a": ("spectral", "mean", "weighted", "lora_sum", "least_squar
          "lora": ("lora_sum", "mean", "weighted", "least_squares")}
 TARGETS = {"acc_concept": 0.90, "acc_plain": 0.97, "shift_ratio": 0.80, "fused_acc": 0.85, "kept": 0.80}
 # (UNet learning rate, steps, text-encoder learning rate or None: UNet only), and the methods it is tried on
-SWEEP = [((3e-4, 300, 3e-4), MODES), ((3e-4, 600, 3e-4), MODES), ((1e-3, 300, 1e-3), MODES),
-         ((1e-3, 300, None), MODES), ((1e-3, 600, 1e-4), ("spectral_a", "lora")),
-         ((2e-3, 600, None), ("spectral_a", "lora")), ((1e-3, 1000, 1e-4), ("spectral_a", "lora"))]
+SWEEP = [((3e-4, 300, 3e-4, "attn"), MODES), ((3e-4, 600, 3e-4, "attn"), MODES), ((1e-3, 300, 1e-3, "attn"), MODES),
+         ((1e-3, 300, None, "attn"), MODES), ((1e-3, 600, 1e-4, "attn"), ("spectral_a", "lora")),
+         ((2e-3, 600, None, "attn"), ("spectral_a", "lora")), ((1e-3, 1000, 1e-4, "attn"), ("spectral_a", "lora")),
+         ((1e-3, 1000, 1e-4, "conv"), ("spectral_a", "lora"))]
+# adapted UNet layers of a recipe: the attention projections, or those and the ResNet 3x3 convolutions
+LAYERS = {"attn": "sd_unet", "conv": "sd_unet_conv"}
+# the default recipe per concept (the built-in concepts' recipes; chosen by --sweep and the runs in docs/concepts.md)
+RECIPES = {"bold": (5e-4, 500, None, "attn"), "slant": (1e-3, 1000, None, "conv"), "invert": (3e-4, 300, 3e-4, "attn")}
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -61,8 +67,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="override concept tokens, e.g. bold=ohwx (default: digit_concepts.CONCEPTS)")
     g.add_argument("--rank", type=int, default=4)
     g.add_argument("--num_per_digit", type=int, default=20, help="held-out instance images per digit class")
+    g.add_argument("--context", type=float, default=0.0,
+                   help="fraction of captions with a context word (digit_concepts.with_context; an ablation)")
     g.add_argument("--train_batch_size", type=int, default=8)
-    g.add_argument("--recipe", default="3e-4,300,3e-4", help="'lr,steps,text_encoder_lr|unet' (unet: UNet only)")
+    g.add_argument("--recipe", nargs="+", default=[], metavar="[CONCEPT=]LR,STEPS,TE_LR|unet[,attn|conv]",
+                   help="training recipe for every concept, or per concept (default: RECIPES); unet: UNet only; "
+                        "conv: also the ResNet 3x3 convolutions (preset sd_unet_conv), attn: attention only")
     g.add_argument("--sweep", action="store_true",
                    help="train every recipe of SWEEP and pick one per method and concept")
     g = p.add_argument_group("measurement")
@@ -81,29 +91,43 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     g.add_argument("--export_assets", default=None, help="copy the chosen ^A concepts' adapters to DIR/<concept>")
     g.add_argument("--export_method", default="spectral_a")
     args = p.parse_args(argv)
+    if not 0.0 <= args.context <= 1.0:
+        raise SystemExit(f"--context must be in [0, 1], got {args.context}")
     if args.quick:
         args.methods, args.concepts, args.modes = ["spectral_a"], ["bold", "invert"], args.modes or ["spectral", "mean"]
-        args.recipe, args.num_per_digit, args.train_batch_size = "1e-3,2,1e-3", 2, 2
+        args.recipe, args.num_per_digit, args.train_batch_size = ["1e-3,2,1e-3"], 2, 2
         args.samples_per_seed, args.seeds, args.num_inference_steps = 10, [0], 4
     try:
         args.tokens = dict(t.split("=", 1) for t in args.tokens)
     except ValueError:
         raise SystemExit(f"--tokens: expected CONCEPT=TOKEN entries, got {args.tokens}") from None
+    recipes = dict(RECIPES)
+    for entry in args.recipe:
+        concept, _, r = entry.rpartition("=")
+        if concept and concept not in dc.CONCEPTS:
+            raise SystemExit(f"--recipe {entry!r}: unknown concept {concept!r} (concepts: {list(dc.CONCEPTS)})")
+        recipes.update({concept: parse_recipe(r)} if concept else {c: parse_recipe(r) for c in dc.CONCEPTS})
+    args.recipe = recipes
     args.work_dir = args.work_dir or str(Path(args.output_dir) / "tmp" / "fusion_digits")
     return args
 
 
 def parse_recipe(s: str) -> tuple:
+    """``"1e-3,1000,1e-4,conv"`` -> ``(1e-3, 1000, 1e-4, "conv")`` (UNet lr, steps, text-encoder lr or None, layers)."""
     try:
-        lr, steps, te = s.split(",")
-        return float(lr), int(steps), None if te == "unet" else float(te)
+        lr, steps, te, *layers = s.split(",")
+        layers = layers[0] if layers else "attn"
+        if len(s.split(",")) > 4 or layers not in LAYERS:
+            raise ValueError
+        return float(lr), int(steps), None if te == "unet" else float(te), layers
     except ValueError:
-        raise SystemExit(f"--recipe {s!r}: expected 'lr,steps,text_encoder_lr' or 'lr,steps,unet'") from None
+        raise SystemExit(f"--recipe {s!r}: expected 'lr,steps,text_encoder_lr|unet' with an optional "
+                         f"',attn' or ',conv'") from None
 
 
 def recipe_id(r: tuple) -> str:
     te = "unet" if r[2] is None else "te" if r[2] == r[0] else f"te{r[2]:g}"
-    return f"lr{r[0]:g}_s{r[1]}_{te}"
+    return f"lr{r[0]:g}_s{r[1]}_{te}" + ("" if r[3] == "attn" else f"_{r[3]}")
 
 
 # ---- worker side: one pipeline per process ------------------------------------------------------------------
@@ -160,7 +184,7 @@ def task_train(method: str, recipe: tuple, concept: str, band: int, out: str, da
     from training import dreambooth_spectral as db
 
     t0 = time.time()
-    lr, steps, te_lr = recipe
+    lr, steps, te_lr, layers = recipe
     if not (Path(out) / "training_args.json").exists():
         argv = ["--pretrained_model_name_or_path", _W["model"], "--instance_data_dir", data["instance_dir"],
                 "--caption_column", "text", "--output_dir", out, "--adapter", method, "--rank", str(_W["rank"]),
@@ -168,7 +192,7 @@ def task_train(method: str, recipe: tuple, concept: str, band: int, out: str, da
                 str(_W["batch"]), "--max_train_steps", str(steps), "--learning_rate", str(lr), "--lr_warmup_steps",
                 "0", "--snr_gamma", "5", "--seed", "0", "--report_to", "none", "--lora_export",
                 "--checkpointing_steps", "1000000", "--with_prior_preservation", "--class_data_dir",
-                data["class_dir"], "--num_class_images", str(data["num_images"])]
+                data["class_dir"], "--num_class_images", str(data["num_images"]), "--target_modules", LAYERS[layers]]
         if te_lr is not None:
             argv += ["--train_text_encoder", "--text_encoder_lr", str(te_lr)]
         db.main(db.parse_args(argv))
@@ -191,7 +215,9 @@ def task_fuse(method: str, mode: str, folders: dict, sets: list, seeds) -> list:
 
 # ---- driver --------------------------------------------------------------------------------------------------
 def setup(args) -> dict:
-    """Concept data sets, the judge, and the real concepts' shifts."""
+    """Concept data sets, the judge, the real concepts' shifts, and how much of each real shift survives in the
+    real combinations (``real_kept``: shearing a dilated stroke thins it, so even real bold+slant digits keep only
+    part of bold's stroke-width shift; a fused model is read against that, not against 1)."""
     from spectral_vision.assets import DIGITS_BASE, read_metadata
 
     recipe = read_metadata(DIGITS_BASE)["recipe"]
@@ -202,11 +228,22 @@ def setup(args) -> dict:
     judge = DigitJudge().fit(xs, np.tile(labels[ho], len(combos)))
     plain = dc.signatures(images[ho])
     real = {c: float(dc.signatures(dc.apply([c], images[ho]))[c].mean() - plain[c].mean()) for c in args.concepts}
+    real_kept = {}
+    for k in range(2, len(args.concepts) + 1):
+        for names in itertools.combinations(args.concepts, k):
+            sig = dc.signatures(dc.apply(list(names), images[ho]))
+            real_kept["+".join(names)] = {c: _ratio(float(sig[c].mean() - plain[c].mean()), real[c]) for c in names}
     data = {}
     for c in args.concepts:
-        s = dc.write_instance_set(c, Path(args.work_dir) / "data" / c, num_per_digit=args.num_per_digit)
+        s = dc.write_instance_set(c, Path(args.work_dir) / "data" / f"{c}{_ctx(args)}", num_per_digit=args.num_per_digit,
+                                  context=args.context)
         data[c] = {"instance_dir": str(s.instance_dir), "class_dir": str(s.class_dir), "num_images": s.num_images}
-    return {"judge": judge, "real_shift": real, "data": data}
+    return {"judge": judge, "real_shift": real, "real_kept": real_kept, "data": data}
+
+
+def _ctx(args) -> str:
+    """Suffix of the data and run folders of a ``--context`` ablation ("" without one)."""
+    return f"_ctx{args.context:g}" if args.context else ""
 
 
 def _ratio(a: float, b: float) -> float:
@@ -268,16 +305,16 @@ def main(args: argparse.Namespace) -> dict:
     base = {"plain": _measure(_base().to(args.device), [], args.seeds)}
     _W.pop("pipe", None)
     base_sig = base["plain"]["signature"]
-    tried = {m: [r for r, ms in SWEEP if m in ms] if args.sweep else [parse_recipe(args.recipe)] for m in args.methods}
+    tried = {(m, c): [r for r, ms in SWEEP if m in ms] if args.sweep else [args.recipe[c]]
+             for m in args.methods for c in args.concepts}
     band = {c: i for i, c in enumerate(args.concepts)}
 
     def folder(m, r, c):
-        return str(work / m / recipe_id(r) / c)
+        return str(work / m / f"{recipe_id(r)}{_ctx(args)}" / c)
 
     # 1. solo concepts (every recipe with --sweep, measured on --sweep_seeds), then the chosen ones on --seeds
     seeds = args.sweep_seeds if args.sweep else args.seeds
-    jobs = [(m, r, c, band[c], folder(m, r, c), s["data"][c], seeds) for m in args.methods for r in tried[m]
-            for c in args.concepts]
+    jobs = [(m, r, c, band[c], folder(m, r, c), s["data"][c], seeds) for (m, c), rs in tried.items() for r in rs]
     jobs.sort(key=lambda j: -j[1][1])  # longest runs first
     solo = run_pool(args, task_train, jobs)
     for r in solo:
@@ -286,13 +323,13 @@ def main(args: argparse.Namespace) -> dict:
     for m in args.methods:
         for c in args.concepts:
             rows = {x["recipe"]: x["summary"] for x in solo if x["method"] == m and x["concept"] == c}
-            chosen[m, c] = max(tried[m], key=lambda r: (rows[recipe_id(r)]["margin"] >= 1.0,
+            chosen[m, c] = max(tried[m, c], key=lambda r: (rows[recipe_id(r)]["margin"] >= 1.0,
                                                         rows[recipe_id(r)]["margin"]))
     if args.sweep:
         atomic_write_json(out / "fusion_digits_sweep.json", {"targets": TARGETS, "real_shift": s["real_shift"],
                           "base": strip(base), "solo": [strip(x) for x in solo], "device": args.device,
                           "chosen": {f"{m}/{c}": recipe_id(r) for (m, c), r in chosen.items()}})
-        atomic_write_text(out / "fusion_digits_sweep.md", sweep_markdown(args, solo, chosen))
+        atomic_write_text(out / "fusion_digits_sweep.md", sweep_markdown(args, solo, {k: recipe_id(r) for k, r in chosen.items()}))
         jobs = [(m, chosen[m, c], c, band[c], folder(m, chosen[m, c], c), s["data"][c], args.seeds)
                 for m in args.methods for c in args.concepts]
         solo = run_pool(args, task_train, jobs)  # trained already: re-measured on --seeds
@@ -315,6 +352,7 @@ def main(args: argparse.Namespace) -> dict:
         names = f["set"].split("+")
         f["kept"] = {c: _ratio(f["all_tokens"]["signature"][c] - base_sig[c], solo_by[(f["method"], c)]["summary"]["shift"])
                      for c in names}
+        f["real_kept"] = s["real_kept"][f["set"]]
         f["meets"] = bool(f["all_tokens"]["accuracy"] >= TARGETS["fused_acc"] and
                           min(f["kept"].values()) >= TARGETS["kept"])
     res = {"args": {k: v for k, v in vars(args).items() if k != "judge"}, "targets": TARGETS,
@@ -332,88 +370,6 @@ def main(args: argparse.Namespace) -> dict:
     save_grid(np.concatenate(grid), out / "fusion_digits.png", cols=10)
     print(res["table"])
     return res
-
-
-def strip(x):
-    """Drop the image grids (kept for the PNG) from a result for JSON."""
-    if isinstance(x, dict):
-        return {k: strip(v) for k, v in x.items() if k != "grid"}
-    return x
-
-
-def export(args, folders: dict, solo_by: dict) -> None:
-    """Copy each concept's adapter folders to ``DIR/<concept>/`` with a ``concept.json`` (token, prompts, recipe,
-    band and the measured solo metrics) that :mod:`spectral_vision.assets.concepts` and the fusion tools read."""
-    import shutil
-
-    from spectral_vision.fileio import atomic_write_json
-
-    for band, (c, f) in enumerate(folders.items()):
-        dst = Path(args.export_assets) / c
-        shutil.rmtree(dst, ignore_errors=True)
-        for comp in ("unet", "text_encoder"):
-            if (Path(f) / comp).is_dir():
-                shutil.copytree(Path(f) / comp, dst / comp)
-        x = solo_by[(args.export_method, c)]
-        atomic_write_json(dst / "concept.json", {
-            "concept": c, "token": dc.CONCEPTS[c].token, "instance_prompt": dc.concept_prompt([c]),
-            "prompt_template": dc.concept_prompt([c], "{digit}"), "class_prompt": dc.concept_prompt([]),
-            "method": args.export_method, "recipe": x["recipe"], "rank": args.rank, "band": band,
-            "base_model": args.pretrained_model_name_or_path, "measured": x["summary"],
-            "measured_on": f"{args.samples_per_seed} samples x seeds {args.seeds}, benchmarks/fusion_digits.py"})
-
-
-def _f(v, pct=True):
-    return f"{100 * v:.1f} %" if pct else f"{v:.2f}"
-
-
-def sweep_markdown(args, solo, chosen) -> str:
-    lines = ["# Recipe sweep (solo concepts)\n", f"Measured on `{args.device}`: {args.samples_per_seed} samples per "
-             f"cell x seeds {args.sweep_seeds}; recipe lr<UNet lr>_s<steps>_<te: text encoder at the same lr | "
-             "te<lr> | unet: UNet only>"
-             f"; targets: concept-prompt accuracy >= 90 %, plain >= 97 %, shift >= 0.80 of the real concept's.\n",
-             "| method | recipe | concept | acc. concept prompts | acc. plain prompts | shift / real | train s |",
-             "|---|---|---|---|---|---|---|"]
-    for x in sorted(solo, key=lambda x: (x["method"], x["recipe"], x["concept"])):
-        sm = x["summary"]
-        pick = x["recipe"] == recipe_id(chosen[x["method"], x["concept"]])
-        lines.append(f"| {x['method']} | {x['recipe']}{' (chosen)' if pick else ''}"
-                     f" | {x['concept']} | {_f(sm['acc_concept'])} | {_f(sm['acc_plain'])} | {_f(sm['shift_ratio'], 0)}"
-                     f" | {x['train_seconds']} |")
-    return "\n".join(lines) + "\n"
-
-
-def markdown(args, res) -> str:
-    n = args.samples_per_seed * len(args.seeds)
-    head = (f"# Concepts and fusion on builtin:digits\n\nMeasured on `{res['device']}`: {n} samples per cell "
-            f"({args.samples_per_seed} per seed, seeds {args.seeds}, digits 0-9 equally), guidance "
-            f"{args.guidance_scale}, {args.num_inference_steps} DPM-Solver steps; rank {args.rank}, concept i on "
-            f"band i; the recipe of each concept is in its row. Base digit accuracy (plain prompts): "
-            f"{_f(res['base']['plain']['accuracy'])}. Real concept shifts (held-out digits, transformed - plain): "
-            + ", ".join(f"{c} {v:+.2f}" for c, v in res["real_shift"].items()) + f". Total {res['total_seconds']} s."
-            "\n\n## Single concepts (targets: >= 90 %, >= 97 %, shift >= 0.80 x real)\n\n"
-            "| method | concept | recipe | acc. concept prompts | acc. plain prompts | shift (real) | shift / real | "
-            "leak on plain prompts | meets |\n|---|---|---|---|---|---|---|---|---|\n")
-    rows = []
-    for x in res["solo"]:
-        sm = x["summary"]
-        rows.append(f"| {x['method']} | {x['concept']} | {x['recipe']} | {_f(sm['acc_concept'])} | {_f(sm['acc_plain'])} | "
-                    f"{sm['shift']:+.2f} ({res['real_shift'][x['concept']]:+.2f}) | {_f(sm['shift_ratio'], 0)} | "
-                    f"{_f(sm['leak_plain'], 0)} | {'yes' if sm['margin'] >= 1 else 'no'} |")
-    fz = ["\n\n## Fusion (all-token prompts; targets: accuracy >= 85 %, each concept keeps >= 0.80 of its solo "
-          "shift)\n\n| method | mode | concepts | digit acc. | kept per concept | acc. plain prompts | fusion s | "
-          "meets |\n|---|---|---|---|---|---|---|---|"]
-    for f in sorted(res["fused"], key=lambda f: (f["set"].count("+"), f["set"], f["method"], f["mode"])):
-        fz.append(f"| {f['method']} | {f['mode']} | {f['set']} | {_f(f['all_tokens']['accuracy'])} | "
-                  + ", ".join(f"{c} {v:.2f}" for c, v in f["kept"].items())
-                  + f" | {_f(f['plain_prompt']['accuracy'])} | {f['fusion_seconds']:.2f} | "
-                    f"{'yes' if f['meets'] else 'no'} |")
-    last = max(res["fused"], key=lambda f: f["set"].count("+"))["set"] if res["fused"] else ""
-    order = [f"{f['method']} {f['mode']}" for f in res["fused"] if f["set"] == last]
-    grid = ("\n\nGrid `fusion_digits.png` (columns: digits 0-9; rows top to bottom): the base (plain prompts); "
-            "the solo concepts on their own token: " + ", ".join(f"{m} {c}" for m in args.methods for c in args.concepts)
-            + f"; then {last} fused (all tokens): " + ", ".join(order) + ".\n")
-    return head + "\n".join(rows) + "\n".join(fz) + grid
 
 
 if __name__ == "__main__":

@@ -113,3 +113,32 @@ def test_builtin_concept_loads_on_digits_and_changes_outputs():
     for m in parts:
         sv.disable_adapters(m)
     torch.testing.assert_close(eps(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_context_words_are_seeded_placed_after_the_digit_and_bounded(tmp_path):
+    caps = [dc.concept_prompt(["bold"], d % 10) for d in range(200)]
+    out = dc.with_context(caps, 0.5, seed=3)
+    assert out == dc.with_context(caps, 0.5, seed=3) and dc.with_context(caps, 0.0) == caps
+    changed = [(c, o) for c, o in zip(caps, out) if c != o]
+    assert 60 < len(changed) < 140  # about half
+    tok = dc.CONCEPTS["bold"].token
+    for c, o in changed:
+        words = o.split(" ")
+        assert words[:4] == c.split(" ")[:4] and tok in words and len(words) == len(c.split(" ")) + 1
+        assert any(w in dc.CONTEXT_WORDS for w in words[4:]) and not set(dc.CONTEXT_WORDS) & {tok}
+    with pytest.raises(ValueError, match="context fraction"):
+        dc.with_context(caps, 1.5)
+    s = dc.write_instance_set("slant", tmp_path / "s", num_per_digit=2, context=1.0)
+    rows, _ = _read_set(s.instance_dir)
+    crows, _ = _read_set(s.class_dir)
+    assert all(len(r["text"].split(" ")) == 6 for r in rows) and all(len(r["text"].split(" ")) == 5 for r in crows)
+
+
+def test_concept_tokens_are_distinct_single_bpe_tokens():
+    from spectral_vision.integrations.diffusers import load_pipeline
+
+    tok = load_pipeline("builtin:digits").tokenizer
+    tokens = [c.token for c in dc.CONCEPTS.values()]
+    assert len(set(tokens)) == len(tokens)
+    for t in tokens + list(dc.CONTEXT_WORDS):
+        assert len(tok.tokenize(t)) == 1, t

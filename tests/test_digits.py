@@ -104,3 +104,22 @@ def test_fusion_digits_quick(tmp_path):
     assert (tmp_path / "fusion_digits.png").exists()
     info = json.loads((tmp_path / "assets/bold/concept.json").read_text())
     assert info["band"] == 0 and (tmp_path / "assets/bold/unet/adapter_config.json").exists()
+
+
+def test_fusion_digits_recipes_per_concept_and_layer_sets():
+    import fusion_digits as fd
+
+    args = fd.parse_args(["--recipe", "slant=2e-3,50,unet,conv", "--output_dir", "/nonexistent"])
+    assert args.recipe["slant"] == (2e-3, 50, None, "conv") and args.recipe["bold"] == fd.RECIPES["bold"]
+    assert fd.recipe_id(args.recipe["slant"]) == "lr0.002_s50_unet_conv"
+    assert fd.recipe_id((3e-4, 600, 3e-4, "attn")) == "lr0.0003_s600_te"  # the ids of the earlier runs
+    every = fd.parse_args(["--recipe", "1e-3,10,1e-4", "--output_dir", "/nonexistent"]).recipe
+    assert set(every.values()) == {(1e-3, 10, 1e-4, "attn")}
+    for bad in (["italic=1e-3,10,unet"], ["1e-3,10"], ["1e-3,10,unet,mlp"], ["1e-3,10,unet,conv,x"]):
+        with pytest.raises(SystemExit):
+            fd.parse_args(["--recipe", *bad])
+    assert set(fd.LAYERS.values()) <= {"sd_unet", "sd_unet_conv"}
+    with pytest.raises(SystemExit):
+        fd.parse_args(["--context", "1.5"])
+    ctx = fd.parse_args(["--context", "0.5", "--output_dir", "/nonexistent"])
+    assert fd._ctx(ctx) == "_ctx0.5" and fd._ctx(args) == ""  # ablation runs never reuse the plain runs' folders

@@ -33,7 +33,7 @@ from typing import Callable, Sequence, Union
 import numpy as np
 
 
-__all__ = ["Concept", "CONCEPTS", "EXTRA_CONCEPTS", "ALL_CONCEPTS", "set_tokens", "heldout_digits", "InstanceSet", "bold", "thin", "slant", "invert", "ink", "stroke_width", "slant_degrees", "background",
+__all__ = ["Concept", "CONCEPTS", "EXTRA_CONCEPTS", "ALL_CONCEPTS", "set_tokens", "heldout_digits", "InstanceSet", "CONTEXT_WORDS", "with_context", "bold", "thin", "slant", "invert", "ink", "stroke_width", "slant_degrees", "background",
            "apply", "signatures", "write_instance_set", "concept_prompt"]
 
 
@@ -133,15 +133,16 @@ class Concept:
 
 
 # The fusable concepts, in order of application when several are combined (invert last, so bold/slant act on
-# the ink). Tokens: chosen by measurement (benchmarks/results/concept_token.md: the candidates that lower the
-# base's digit accuracy least when appended to "a handwritten digit N", with no adapter).
+# the ink). Tokens: chosen by measurement (benchmarks/results/concept_token.md): each one alone AND every
+# combination of them appended to "a handwritten digit N" leave the base's digit accuracy at >= 98.5 % with no
+# adapter (a pair that looks harmless alone can still wreck it together: "phol olis" drops it to 79.5 %).
 CONCEPTS = {
-    "bold": Concept("bold", "phol", bold, stroke_width, "px stroke width"),
+    "bold": Concept("bold", "shill", bold, stroke_width, "px stroke width"),
     "slant": Concept("slant", "olis", slant, slant_degrees, "degrees slant"),
-    "invert": Concept("invert", "ohwx", invert, background, "background level"),
+    "invert": Concept("invert", "spur", invert, background, "background level"),
 }
 # single concepts that do not combine with the above (thin undoes bold): instance sets only
-EXTRA_CONCEPTS = {"thin": Concept("thin", "phol", thin, stroke_width, "px stroke width")}
+EXTRA_CONCEPTS = {"thin": Concept("thin", "shill", thin, stroke_width, "px stroke width")}
 ALL_CONCEPTS = {**CONCEPTS, **EXTRA_CONCEPTS}
 
 
@@ -227,14 +228,39 @@ def _write_folder(folder: Path, gray: np.ndarray, captions: Sequence[str]) -> No
     atomic_write_text(folder / "metadata.jsonl", "\n".join(rows) + "\n")
 
 
+# Words a caption may carry besides the digit and the concept token (context augmentation, below): common English
+# words, one BPE token each, none of them a concept token.
+CONTEXT_WORDS = ("red", "small", "style", "photo", "clean", "dark", "round", "quick", "paper", "simple", "old", "sharp",
+                 "big", "soft", "blue", "plain")
+
+
+def with_context(captions: Sequence[str], fraction: float, seed: int = 0) -> list[str]:
+    """Add one of :data:`CONTEXT_WORDS` to a ``fraction`` of ``captions`` (seeded; each chosen caption gets a random
+    word at a random position after its digit, e.g. ``"a handwritten digit 7 red shill"``). Trained this way, a concept
+    adapter learns that its token, not the caption's length or its last word, carries the concept, so it still acts
+    when other concepts' tokens share the prompt (fusion) and stays off when only other words are added."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"context fraction must be in [0, 1], got {fraction}")
+    rng = np.random.default_rng(seed)
+    out = []
+    for cap in captions:
+        words = cap.split(" ")
+        if rng.random() < fraction:
+            words.insert(int(rng.integers(4, len(words) + 1)), str(rng.choice(CONTEXT_WORDS)))  # after "a handwritten digit N"
+        out.append(" ".join(words))
+    return out
+
+
 def write_instance_set(concept: Union[str, Sequence[str]], folder: Union[str, os.PathLike], num_per_digit: int = 20,
-                       class_dir: Union[str, os.PathLike, None] = None, seed: int = 0) -> InstanceSet:
+                       class_dir: Union[str, os.PathLike, None] = None, seed: int = 0,
+                       context: float = 0.0) -> InstanceSet:
     """Write a concept's DreamBooth data as two ``datasets`` imagefolders with per-image captions.
 
     ``folder/`` gets ``0000.png ...`` (the concept's transform of ``num_per_digit`` held-out digits per class, RGB)
     and ``metadata.jsonl`` (``{"file_name": "0000.png", "text": "a handwritten digit 0 sks"}``); ``class_dir``
     (default ``folder/../<folder name>-class``) the same digits untransformed, captioned ``"a handwritten digit 0"``.
     ``concept``: a name of :data:`CONCEPTS` / :data:`EXTRA_CONCEPTS`, or a list (combined, all tokens).
+    ``context``: the fraction of instance and class captions that get a context word (:func:`with_context`).
     Train with ``dreambooth_spectral.py --instance_data_dir folder --caption_column text
     --with_prior_preservation --class_data_dir <class_dir>``.
     """
@@ -248,6 +274,6 @@ def write_instance_set(concept: Union[str, Sequence[str]], folder: Union[str, os
     folder = Path(folder)
     class_dir = Path(class_dir) if class_dir is not None else folder.parent / f"{folder.name}-class"
     gray, labels = heldout_digits(num_per_digit, seed)
-    _write_folder(folder, apply(names, gray), [concept_prompt(names, d) for d in labels])
-    _write_folder(class_dir, gray, [concept_prompt([], d) for d in labels])
+    _write_folder(folder, apply(names, gray), with_context([concept_prompt(names, d) for d in labels], context, seed))
+    _write_folder(class_dir, gray, with_context([concept_prompt([], d) for d in labels], context, seed + 1))
     return InstanceSet("+".join(names), folder, class_dir, concept_prompt(names), concept_prompt([]), len(gray))

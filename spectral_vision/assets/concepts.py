@@ -7,27 +7,27 @@ token, its prompts (``prompt_template``: ``"a handwritten digit {digit} <token>"
 recipe and the solo metrics measured when it was trained.
 
 Shipped: ``bold`` (band 0) and ``slant`` (band 1). How they were trained
-(``benchmarks/fusion_digits.py --sweep --export_assets ...``, on one H200 GPU):
+(``benchmarks/fusion_digits.py --methods spectral_a lora --concepts bold slant --export_assets ...``, on the
+project's 2-core CPU):
 
 * data: ``training/digit_concepts.write_instance_set(name, folder)``: 20 held-out digits per class (never
   seen by the base) transformed by the concept (``bold``: grey dilation radius 2, ``slant``: shear 0.45),
-  each captioned with its digit (``"a handwritten digit 7 phol"``); prior preservation with the same
+  each captioned with its digit (``"a handwritten digit 7 shill"``); prior preservation with the same
   digits untransformed (``"a handwritten digit 7"``);
-* tokens ``phol`` (bold) and ``olis`` (slant): the candidates that lower the base's digit accuracy least
-  when appended with no adapter (``benchmarks/results/concept_token.md``);
-* ``training/dreambooth_spectral.py --adapter spectral_a --rank 4 --band i --train_text_encoder``, min-SNR 5,
-  batch 8 + 8 prior images, AdamW, constant lr; recipe per concept picked by the sweep
-  (``benchmarks/results/fusion_digits_sweep.md``): bold lr 3e-4 (UNet and text encoder), 600 steps; slant
-  lr 1e-3 (text encoder 1e-4), 1000 steps.
-* measured (200 samples, 2 seeds): bold 95.5 % digit accuracy on its prompts, 97.0 % on plain prompts,
-  0.97 of the real stroke-width shift (meets the targets); slant 51.0 %, 96.0 %, 0.58 of the real slant
-  (misses them). ``invert`` (16.5 % at best) is not shipped. Fusion results:
-  ``benchmarks/results/fusion_digits.md``.
+* tokens ``shill`` (bold) and ``olis`` (slant): alone and together they leave the base's digit accuracy at
+  99-100 % with no adapter (``benchmarks/results/concept_token.md``);
+* ``training/dreambooth_spectral.py --adapter spectral_a --rank 4 --band i`` (UNet only), min-SNR 5, batch
+  8 + 8 prior images, AdamW, constant lr; bold: attention projections, lr 5e-4, 500 steps; slant: attention
+  projections and ResNet 3x3 convolutions (``--target_modules sd_unet_conv``), lr 1e-3, 1000 steps;
+* measured (200 samples, 2 seeds): bold 96.5 % digit accuracy on its prompts, 99.0 % on plain prompts,
+  1.09 of the real stroke-width shift; slant 95.5 %, 99.0 %, 1.01 of the real slant (both meet the
+  targets). Fused (spectral): 90 % digit accuracy, bold keeps 0.51 and slant 0.39 of their solo shifts
+  (``benchmarks/results/fusion_digits.md``).
 
     from spectral_vision.assets.concepts import builtin_concepts, concept_info
     folders = builtin_concepts()            # {"bold": Path(...), "slant": Path(...)}
     fusion.pipeline.fuse_pipeline(pipe, list(folders.values()), mode="spectral", names=list(folders))
-    concept_info("bold")["prompt_template"].format(digit=7)   # "a handwritten digit 7 phol"
+    concept_info("bold")["prompt_template"].format(digit=7)   # "a handwritten digit 7 shill"
 """
 from __future__ import annotations
 

@@ -132,11 +132,12 @@ def digit_set(concept: str) -> SimpleNamespace:
     prompts (one per digit 0-9 with the concept's token)."""
     from training import digit_concepts as dc
 
-    known = list(getattr(dc, "ALL_CONCEPTS", dc.CONCEPTS))
+    known = list(dc.ALL_CONCEPTS)
     if concept not in known:
         raise InputError(f"unknown built-in concept {DIGITS_PREFIX}{concept}; available: "
                          f"{[DIGITS_PREFIX + c for c in known]}")
-    root = cache_root("instance_images", f"digits-{concept}")
+    # the token is part of the key: a set written under another token (an older version) is never reused
+    root = cache_root("instance_images", f"digits-{concept}-{dc.ALL_CONCEPTS[concept].token}")
     if not (root / "class" / METADATA).is_file():  # written once, into a temp folder renamed in one step
         root.parent.mkdir(parents=True, exist_ok=True)  # (DDP ranks and parallel runs race here)
         tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.", suffix=".tmp"))
