@@ -2,6 +2,7 @@
 """Measured concepts and multi-concept fusion on the trained ``builtin:digits`` base.
 
     python benchmarks/fusion_digits.py --workers 8                 # full run (a GPU: minutes; 2 CPU cores: hours)
+    python benchmarks/fusion_digits.py --methods spectral_a lora --concepts bold slant --workers 2   # 16 min, 2 CPU cores
     python benchmarks/fusion_digits.py --sweep --workers 8         # also pick the training recipe per method
     python benchmarks/fusion_digits.py --quick                     # smoke run (tests/test_digits.py)
 
@@ -46,14 +47,14 @@ MODES = {"spectral_a": ("spectral", "mean", "weighted", "lora_sum", "least_squar
          "spectral_r": ("spectral", "mean", "weighted", "lora_sum", "least_squares"),
          "lora": ("lora_sum", "mean", "weighted", "least_squares")}
 TARGETS = {"acc_concept": 0.90, "acc_plain": 0.97, "shift_ratio": 0.80, "fused_acc": 0.85, "kept": 0.80}
-# (UNet learning rate, steps, text-encoder learning rate or None: UNet only), and the methods it is tried on
+# (UNet learning rate, steps, text-encoder learning rate or None: UNet only, LAYERS key), and the methods it is tried on
 SWEEP = [((3e-4, 300, 3e-4, "attn"), MODES), ((3e-4, 600, 3e-4, "attn"), MODES), ((1e-3, 300, 1e-3, "attn"), MODES),
          ((1e-3, 300, None, "attn"), MODES), ((1e-3, 600, 1e-4, "attn"), ("spectral_a", "lora")),
          ((2e-3, 600, None, "attn"), ("spectral_a", "lora")), ((1e-3, 1000, 1e-4, "attn"), ("spectral_a", "lora")),
          ((1e-3, 1000, 1e-4, "conv"), ("spectral_a", "lora"))]
 # adapted UNet layers of a recipe: the attention projections, or those and the ResNet 3x3 convolutions
 LAYERS = {"attn": "sd_unet", "conv": "sd_unet_conv"}
-# the default recipe per concept (the built-in concepts' recipes; chosen by --sweep and the runs in docs/concepts.md)
+# the default recipe per concept (the built-in concepts' recipes, chosen by the runs described in docs/concepts.md)
 RECIPES = {"bold": (5e-4, 500, None, "attn"), "slant": (1e-3, 1000, None, "conv"), "invert": (3e-4, 300, 3e-4, "attn")}
 
 
