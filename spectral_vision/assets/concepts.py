@@ -1,4 +1,4 @@
-"""Built-in concept adapters for ``builtin:digits``: small (rank 4, < 100 kB), trained, on disjoint bands.
+"""Built-in concept adapters for ``builtin:digits``: small (rank 4, < 300 kB), trained, on disjoint bands.
 
 Each ``assets/concepts/<name>/`` is a concept folder as ``training/dreambooth_spectral.py`` writes it
 (``unet/`` and, when the text encoder was adapted, ``text_encoder/``: ``adapter_config.json`` +
