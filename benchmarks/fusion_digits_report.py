@@ -43,7 +43,7 @@ def sweep_markdown(args, solo, chosen: dict) -> str:
     """The sweep table; ``chosen``: ``{(method, concept): recipe id}``."""
     lines = ["# Recipe sweep (solo concepts)\n", f"Measured on `{args.device}`: {args.samples_per_seed} samples per "
              f"cell x seeds {args.sweep_seeds}; recipe lr<UNet lr>_s<steps>_<te: text encoder at the same lr | "
-             "te<lr> | unet: UNet only>"
+             "te<lr> | unet: UNet only>[_conv: also the ResNet 3x3 convolutions]"
              f"; targets: concept-prompt accuracy >= 90 %, plain >= 97 %, shift >= 0.80 of the real concept's.\n",
              "| method | recipe | concept | acc. concept prompts | acc. plain prompts | shift / real | train s |",
              "|---|---|---|---|---|---|---|"]

@@ -134,8 +134,8 @@ class Concept:
 
 # The fusable concepts, in order of application when several are combined (invert last, so bold/slant act on
 # the ink). Tokens: chosen by measurement (benchmarks/results/concept_token.md): each one alone AND every
-# combination of them appended to "a handwritten digit N" leave the base's digit accuracy at >= 98.5 % with no
-# adapter (a pair that looks harmless alone can still wreck it together: "phol olis" drops it to 79.5 %).
+# combination of them appended to "a handwritten digit N" leave the base's digit accuracy at >= 99 % with no
+# adapter (a pair that looks harmless alone can still wreck it together: "phol olis" drops it to 79 %).
 CONCEPTS = {
     "bold": Concept("bold", "shill", bold, stroke_width, "px stroke width"),
     "slant": Concept("slant", "olis", slant, slant_degrees, "degrees slant"),
@@ -236,9 +236,10 @@ CONTEXT_WORDS = ("red", "small", "style", "photo", "clean", "dark", "round", "qu
 
 def with_context(captions: Sequence[str], fraction: float, seed: int = 0) -> list[str]:
     """Add one of :data:`CONTEXT_WORDS` to a ``fraction`` of ``captions`` (seeded; each chosen caption gets a random
-    word at a random position after its digit, e.g. ``"a handwritten digit 7 red shill"``). Trained this way, a concept
-    adapter learns that its token, not the caption's length or its last word, carries the concept, so it still acts
-    when other concepts' tokens share the prompt (fusion) and stays off when only other words are added."""
+    word at a random position after its digit, e.g. ``"a handwritten digit 7 red shill"``). The intent: teach a
+    concept adapter that its token, not the caption's length or last word, carries the concept, so it still acts
+    when other concepts' tokens share the prompt. Measured on the digit concepts it did not help (slant got
+    weaker alone and in fusion, docs/concepts.md), so it is an ablation, off by default."""
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"context fraction must be in [0, 1], got {fraction}")
     rng = np.random.default_rng(seed)
