@@ -31,6 +31,8 @@ PRESETS: dict[str, dict] = {
     # ... plus the ResNet block 3x3 convolutions ("conv optional")
     "sd_unet_conv": {"regex": r".*(attn\d\.(to_q|to_k|to_v|to_out\.0)|resnets\.\d+\.(conv1|conv2))",
                      "family": "diffusers"},
+    # ... the ResNet block 3x3 convolutions alone (spatial concepts, on layers the attention concepts leave free)
+    "sd_unet_resnet": {"regex": r".*resnets\.\d+\.(conv1|conv2)", "family": "diffusers"},
     # transformers CLIPTextModel attention
     "clip_text": {"regex": r".*self_attn\.(q_proj|k_proj|v_proj|out_proj)", "family": "transformers"},
     # BERT family (incl. MiniLM, ELECTRA, ERNIE): query/key/value, attention output, intermediate, output

@@ -45,16 +45,27 @@ def test_concept_transforms_move_their_signature(heldout):
     images, labels, tr, ho = heldout
     x = images[ho[:40]]
     base = dc.signatures(x)
-    bold, slant, inv = (dc.signatures(dc.apply([c], x)) for c in ("bold", "slant", "invert"))
+    bold, slant, small, inv = (dc.signatures(dc.apply([c], x)) for c in ("bold", "slant", "small", "invert"))
     assert (bold["bold"] > base["bold"] + 2).mean() > 0.9  # strokes thicker by > 2 px
     assert np.median(slant["slant"] - base["slant"]) > 15  # shear 0.45 ~ +24 degrees
     assert abs(np.median(bold["slant"] - base["slant"])) < 3 and abs(np.median(slant["bold"] - base["bold"])) < 1.5
+    # small: a 0.7 scale multiplies the vertical size by ~0.7; a shear keeps it, a dilation moves it little
+    np.testing.assert_allclose(np.median(small["small"] / base["small"]), 0.7, atol=0.03)
+    assert abs(np.median(slant["small"] - base["small"])) < 0.3 and abs(np.median(bold["small"] - base["small"])) < 0.5
+    assert abs(np.median(small["slant"] - base["slant"])) < 3  # scaling keeps the slant angle
+    assert (dc.background(dc.apply(["small"], x)) < 0.1).all()  # the page stays dark (no grey fill at the edges)
+    # faint: grey ink at half the level; stroke width and slant are measured relative to the ink level, so unchanged
+    faint = dc.signatures(dc.apply(["faint"], x))
+    np.testing.assert_allclose(faint["faint"], 0.5 * base["faint"], rtol=1e-5)
+    np.testing.assert_allclose(faint["bold"], base["bold"], rtol=1e-5)
+    np.testing.assert_allclose(faint["slant"], base["slant"], atol=1e-3)
+    assert abs(np.median(bold["faint"] - base["faint"])) < 0.1 and abs(np.median(slant["faint"] - base["faint"])) < 0.1
     assert (inv["invert"] > 0.5).all() and (base["invert"] < 0.5).all()
     # polarity-aware: inverting keeps the other signatures exactly, and composes with the others
     np.testing.assert_array_equal(inv["bold"], base["bold"])
     np.testing.assert_array_equal(inv["slant"], base["slant"])
     np.testing.assert_allclose(dc.apply(["bold", "invert"], x), 1 - dc.apply(["bold"], x), atol=1e-6)
-    tb, ti = dc.CONCEPTS["bold"].token, dc.CONCEPTS["invert"].token
+    tb, ti = dc.CONCEPTS["bold"].token, dc.ALL_CONCEPTS["invert"].token
     assert dc.concept_prompt(["invert", "bold"], 3) == f"a handwritten digit 3 {tb} {ti}"
 
 
@@ -92,12 +103,12 @@ def test_fusion_digits_quick(tmp_path):
     args = fusion_digits.parse_args(["--quick", "--output_dir", str(tmp_path), "--export_assets",
                                      str(tmp_path / "assets")])
     res = fusion_digits.main(args)
-    assert {(x["method"], x["concept"]) for x in res["solo"]} == {("spectral_a", "bold"), ("spectral_a", "invert")}
+    assert {(x["method"], x["concept"]) for x in res["solo"]} == {("spectral_a", "bold"), ("spectral_a", "faint")}
     for x in res["solo"]:
         assert x["concept_prompt"]["n"] == 10 and 0 <= x["summary"]["acc_concept"] <= 1
-    assert {(f["mode"], f["set"]) for f in res["fused"]} == {("spectral", "bold+invert"), ("mean", "bold+invert")}
+    assert {(f["mode"], f["set"]) for f in res["fused"]} == {("spectral", "bold+faint"), ("mean", "bold+faint")}
     for f in res["fused"]:
-        assert set(f["kept"]) == {"bold", "invert"} and f["fusion_seconds"] >= 0
+        assert set(f["kept"]) == {"bold", "faint"} and f["fusion_seconds"] >= 0
     meta = (tmp_path / "tmp/fusion_digits/data/bold/metadata.jsonl").read_text().splitlines()
     assert json.loads(meta[7])["text"] == dc.concept_prompt(["bold"], 7)  # per-image captions with the digit
     assert (tmp_path / "fusion_digits.md").read_text().count("| spectral_a |") == 4
@@ -118,7 +129,13 @@ def test_fusion_digits_recipes_per_concept_and_layer_sets():
     for bad in (["italic=1e-3,10,unet"], ["1e-3,10"], ["1e-3,10,unet,mlp"], ["1e-3,10,unet,conv,x"]):
         with pytest.raises(SystemExit):
             fd.parse_args(["--recipe", *bad])
-    assert set(fd.LAYERS.values()) <= {"sd_unet", "sd_unet_conv"}
+    assert set(fd.LAYERS.values()) <= {"sd_unet", "sd_unet_conv", "sd_unet_resnet"} and set(fd.GROUPS) == set(fd.LAYERS)
+    # bands: concepts on shared layers get disjoint bands, concepts on disjoint layers both take the top band
+    r = {"a": (1e-3, 1, None, "attn"), "r": (1e-3, 1, None, "resnet"), "c": (1e-3, 1, None, "conv"),
+         "r2": (1e-3, 1, None, "resnet"), "a2": (1e-3, 1, None, "attn")}
+    assert fd.layer_bands(["a", "r", "r2", "a2"], r) == {"a": 0, "r": 0, "r2": 1, "a2": 1}
+    assert fd.layer_bands(["a", "r", "c"], r) == {"a": 0, "r": 0, "c": 1}
+    assert fd.layer_bands(["c", "a", "r"], r) == {"c": 0, "a": 1, "r": 1}
     with pytest.raises(SystemExit):
         fd.parse_args(["--context", "1.5"])
     ctx = fd.parse_args(["--context", "0.5", "--output_dir", "/nonexistent"])

@@ -8,9 +8,11 @@ background) and a *signature*: a per-image number that the transformation moves 
 concept     transformation                         signature
 ==========  =====================================  ===================================================
 ``bold``    grey dilation with a disk (radius 2)   stroke width in px: ink area / skeleton length
-``thin``    grey erosion with a 3x3 square          stroke width in px (moves it down)
+``thin``    grey erosion with a 3x3 square         stroke width in px (moves it down)
 ``slant``   horizontal shear ``x += k (cy - y)``   slant in degrees: ``atan(-cov(x, y) / var(y))`` of the
             (top leans right, ``k = 0.45``)        ink distribution (a shear by k adds exactly k)
+``faint``   ink brightness x 0.5 (grey ink)        ink level: 99th percentile of the ink-up image
+``small``   scale by 0.7 about the ink's centre    vertical size in px: RMS spread of the ink rows
 ``invert``  ``1 - x`` (dark ink on a light page)   background level: mean of the 3-px border ring
 ==========  =====================================  ===================================================
 
@@ -33,7 +35,7 @@ from typing import Callable, Sequence, Union
 import numpy as np
 
 
-__all__ = ["Concept", "CONCEPTS", "EXTRA_CONCEPTS", "ALL_CONCEPTS", "set_tokens", "heldout_digits", "InstanceSet", "CONTEXT_WORDS", "with_context", "bold", "thin", "slant", "invert", "ink", "stroke_width", "slant_degrees", "background",
+__all__ = ["Concept", "CONCEPTS", "EXTRA_CONCEPTS", "ALL_CONCEPTS", "set_tokens", "heldout_digits", "InstanceSet", "CONTEXT_WORDS", "with_context", "bold", "thin", "slant", "faint", "small", "invert", "ink", "stroke_width", "slant_degrees", "ink_level", "size", "background",
            "apply", "signatures", "write_instance_set", "concept_prompt"]
 
 
@@ -70,6 +72,29 @@ def slant(gray: np.ndarray, shear: float = 0.45) -> np.ndarray:
                      for im, c in zip(gray, fill)]).clip(0, 1).astype(np.float32)
 
 
+def small(gray: np.ndarray, scale: float = 0.7) -> np.ndarray:
+    """Shrink each image's ink by ``scale`` about its ink centroid (the digit stays where it was, smaller)."""
+    from scipy.ndimage import affine_transform
+
+    a = ink(gray)
+    h, w = a.shape[1:]
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    out = []
+    for im, src, c in zip(gray, a, _inverted(gray).astype(np.float32)):  # fill: the page colour, 0 or 1
+        m = src / max(float(src.sum()), 1e-8)
+        centre = np.array([(m * y).sum(), (m * x).sum()])  # (cy, cx) of the ink
+        # output p samples input centre + (p - centre) / scale
+        out.append(affine_transform(im, np.eye(2) / scale, offset=centre - centre / scale, order=1, mode="constant",
+                                    cval=c))
+    return np.stack(out).clip(0, 1).astype(np.float32)
+
+
+def faint(gray: np.ndarray, level: float = 0.5) -> np.ndarray:
+    """Grey ink: the ink's brightness multiplied by ``level`` (the page keeps its colour)."""
+    a = ink(gray) * level
+    return np.where(_inverted(gray)[:, None, None], 1 - a, a).clip(0, 1).astype(np.float32)
+
+
 def invert(gray: np.ndarray) -> np.ndarray:
     """Dark ink on a light page."""
     return (1.0 - gray).astype(np.float32)
@@ -101,11 +126,18 @@ def ink(gray: np.ndarray) -> np.ndarray:
     return _ink_up(np.asarray(gray, dtype=np.float32))
 
 
+def ink_level(gray: np.ndarray) -> np.ndarray:
+    """Brightness of the ink: the 99th percentile of the ink-up image (1: full ink, 0.5: grey ink)."""
+    return np.percentile(ink(gray).reshape(len(gray), -1), 99, axis=1).astype(np.float32)
+
+
 def stroke_width(gray: np.ndarray, threshold: float = 0.5) -> np.ndarray:
-    """Mean stroke width in px: area of the ink mask / length of its skeleton."""
+    """Mean stroke width in px: area of the ink mask (ink > ``threshold`` x the image's :func:`ink_level`, so grey
+    ink is measured like black ink) / length of its skeleton."""
     from skimage.morphology import skeletonize
 
-    masks = ink(gray) > threshold
+    a = ink(gray)
+    masks = a > threshold * np.maximum(ink_level(gray), 0.05)[:, None, None]
     return np.array([m.sum() / max(skeletonize(m).sum(), 1) for m in masks], dtype=np.float32)
 
 
@@ -123,6 +155,18 @@ def slant_degrees(gray: np.ndarray) -> np.ndarray:
     return np.degrees(np.arctan(-cov / np.maximum(var_y, 1e-6))).astype(np.float32)
 
 
+def size(gray: np.ndarray) -> np.ndarray:
+    """Vertical size of the ink in px: the ink-weighted RMS distance of its rows from their mean (a 0.7 scale
+    multiplies it by 0.7; a shear leaves it unchanged)."""
+    a = ink(gray)
+    n, h, w = a.shape
+    ys = np.arange(h, dtype=np.float32)
+    rows = a.sum(2) + 1e-8  # (N, H) ink per row
+    rows = rows / rows.sum(1, keepdims=True)
+    my = rows @ ys
+    return np.sqrt(np.maximum(rows @ (ys * ys) - my * my, 0.0)).astype(np.float32)
+
+
 @dataclass(frozen=True)
 class Concept:
     name: str
@@ -132,17 +176,19 @@ class Concept:
     unit: str
 
 
-# The fusable concepts, in order of application when several are combined (invert last, so bold/slant act on
-# the ink). Tokens: chosen by measurement (benchmarks/results/concept_token.md): each one alone AND every
+# The fusable concepts, in order of application when several are combined. Tokens: chosen by measurement (benchmarks/results/concept_token.md): each one alone AND every
 # combination of them appended to "a handwritten digit N" leave the base's digit accuracy at >= 99 % with no
 # adapter (a pair that looks harmless alone can still wreck it together: "phol olis" drops it to 79 %).
 CONCEPTS = {
     "bold": Concept("bold", "shill", bold, stroke_width, "px stroke width"),
     "slant": Concept("slant", "olis", slant, slant_degrees, "degrees slant"),
-    "invert": Concept("invert", "spur", invert, background, "background level"),
+    "faint": Concept("faint", "spur", faint, ink_level, "ink level"),
 }
-# single concepts that do not combine with the above (thin undoes bold): instance sets only
-EXTRA_CONCEPTS = {"thin": Concept("thin", "shill", thin, stroke_width, "px stroke width")}
+# instance sets only, not trained by the benchmark: thin undoes bold; small and invert (applied last, so the others
+# act on the ink) did not train on this base (docs/concepts.md). They reuse measured tokens.
+EXTRA_CONCEPTS = {"thin": Concept("thin", "shill", thin, stroke_width, "px stroke width"),
+                  "small": Concept("small", "spur", small, size, "px vertical size"),
+                  "invert": Concept("invert", "spur", invert, background, "background level")}
 ALL_CONCEPTS = {**CONCEPTS, **EXTRA_CONCEPTS}
 
 
@@ -173,8 +219,12 @@ def apply(names: Sequence[str], gray: np.ndarray) -> np.ndarray:
 
 
 def signatures(gray: np.ndarray) -> dict[str, np.ndarray]:
-    """Every concept's signature per image: ``{name: (N,)}``."""
-    return {name: c.signature(gray) for name, c in CONCEPTS.items()}
+    """Every concept's signature per image: ``{name: (N,)}`` (each signature function computed once)."""
+    done: dict = {}
+    for c in ALL_CONCEPTS.values():
+        if c.signature not in done:
+            done[c.signature] = c.signature(gray)
+    return {name: done[c.signature] for name, c in ALL_CONCEPTS.items()}
 
 
 def concept_prompt(names: Sequence[str], digit: Union[int, str, None] = None) -> str:
