@@ -9,10 +9,8 @@
 1. Concept data (``training/digit_concepts.py``): ``bold`` / ``slant`` / ``faint`` transforms of the base's
    HELD-OUT digits, captioned per image ``"a handwritten digit 7 <token>"``; class images (prior preservation)
    the same digits untransformed, ``"a handwritten digit 7"``.
-2. One ``training/dreambooth_spectral.py`` run per (method, recipe, concept), rank ``--rank``, on the lowest
-   band of singular columns no earlier concept on the same layers holds (``layer_bands``: an attention concept
-   and a ResNet-convolution concept both take the top band; with ``--sweep`` concept ``i`` takes band ``i``);
-   PEFT LoRA (``--adapter lora``) as the usual baseline.
+2. One ``training/dreambooth_spectral.py`` run per (method, recipe, concept): concept ``i`` on band ``i``
+   (disjoint singular columns), rank ``--rank``; PEFT LoRA (``--adapter lora``) as the usual baseline.
 3. Solo metrics per concept: digit accuracy (the judge below) on concept prompts and on plain prompts, and
    the concept's signature shift over the base divided by the REAL concept's shift (transformed vs plain
    held-out digits). Targets: >= 0.90, >= 0.97, >= 0.80. ``--sweep`` trains every recipe of the grid and keeps,
@@ -55,9 +53,8 @@ SWEEP = [((3e-4, 300, 3e-4, "attn"), MODES), ((3e-4, 600, 3e-4, "attn"), MODES),
          ((2e-3, 600, None, "attn"), ("spectral_a", "lora")), ((1e-3, 1000, 1e-4, "attn"), ("spectral_a", "lora")),
          ((1e-3, 1000, 1e-4, "conv"), ("spectral_a", "lora"))]
 # adapted UNet layers of a recipe (a preset): the attention projections, those and the ResNet 3x3 convolutions, or the
-# ResNet convolutions alone; and the layer groups each one touches (concepts sharing a group need disjoint bands)
+# ResNet convolutions alone (an ablation in docs/concepts.md)
 LAYERS = {"attn": "sd_unet", "conv": "sd_unet_conv", "resnet": "sd_unet_resnet"}
-GROUPS = {"attn": {"attn"}, "conv": {"attn", "resnet"}, "resnet": {"resnet"}}
 # the default recipe per concept (the built-in concepts' recipes, chosen by the runs described in docs/concepts.md)
 RECIPES = {"bold": (5e-4, 500, None, "attn"), "slant": (1e-3, 1000, None, "conv"), "faint": (3e-3, 1500, None, "resnet")}
 
@@ -129,17 +126,6 @@ def parse_recipe(s: str) -> tuple:
     except ValueError:
         raise SystemExit(f"--recipe {s!r}: expected 'lr,steps,text_encoder_lr|unet' with an optional "
                          f"',attn', ',conv' or ',resnet'") from None
-
-
-def layer_bands(concepts: Sequence[str], recipes: dict) -> dict:
-    """Band of each concept: the lowest band no earlier concept on a shared layer group holds. Concepts on disjoint
-    layers (attention vs ResNet convolutions) all take band 0, the top singular columns; the bands of concepts
-    sharing layers are disjoint, so every pair fuses in spectral mode."""
-    bands: dict = {}
-    for c in concepts:
-        taken = {bands[d] for d in bands if GROUPS[recipes[c][3]] & GROUPS[recipes[d][3]]}
-        bands[c] = min(set(range(len(concepts))) - taken)
-    return bands
 
 
 def recipe_id(r: tuple) -> str:
@@ -324,8 +310,7 @@ def main(args: argparse.Namespace) -> dict:
     base_sig = base["plain"]["signature"]
     tried = {(m, c): [r for r, ms in SWEEP if m in ms] if args.sweep else [args.recipe[c]]
              for m in args.methods for c in args.concepts}
-    # a sweep tries several layer sets per concept: concept i on band i; else bands by shared layers
-    band = {c: i for i, c in enumerate(args.concepts)} if args.sweep else layer_bands(args.concepts, args.recipe)
+    band = {c: i for i, c in enumerate(args.concepts)}
 
     def folder(m, r, c):
         return str(work / m / f"{recipe_id(r)}{_ctx(args)}_b{band[c]}" / c)

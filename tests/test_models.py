@@ -27,6 +27,7 @@ FAMILIES = {  # model name, preset, inputs
     "timm_vit": ("tiny-vit", "timm_vit", _vit_inputs),
     "sd_unet": ("tiny-unet", "sd_unet", _unet_inputs),
     "sd_unet_conv": ("tiny-unet", "sd_unet_conv", _unet_inputs),
+    "sd_unet_resnet": ("tiny-unet", "sd_unet_resnet", _unet_inputs),
     "clip_text": ("tiny-clip-text", "clip_text", _text_inputs),
     "llama": ("tiny-llama", "llama", _llm_inputs),
     "gpt2": ("tiny-gpt2", "gpt2", _llm_inputs),
@@ -59,6 +60,9 @@ def test_family_init_merge_detach_roundtrip(family, method, tmp_path):
     assert layers, "preset matched nothing"
     if preset == "sd_unet_conv":
         assert any(l.kind == "conv2d" and l.base_layer.kernel_size == (3, 3) for l in layers.values())
+    if preset == "sd_unet_resnet":  # the ResNet 3x3 convolutions and nothing else
+        assert all(l.kind == "conv2d" and l.base_layer.kernel_size == (3, 3) and ".resnets." in n
+                   for n, l in layers.items())
     with torch.no_grad():
         assert (run(model, inputs) - y0).abs().max() <= 1e-5  # init equals base
     perturb(model, std=0.2)
