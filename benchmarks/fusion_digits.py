@@ -56,7 +56,7 @@ SWEEP = [((3e-4, 300, 3e-4, "attn"), MODES), ((3e-4, 600, 3e-4, "attn"), MODES),
 # ResNet convolutions alone (an ablation in docs/concepts.md)
 LAYERS = {"attn": "sd_unet", "conv": "sd_unet_conv", "resnet": "sd_unet_resnet"}
 # the default recipe per concept (the built-in concepts' recipes, chosen by the runs described in docs/concepts.md)
-RECIPES = {"bold": (5e-4, 500, None, "attn"), "slant": (1e-3, 1000, None, "conv"), "faint": (3e-3, 1500, None, "resnet")}
+RECIPES = {"bold": (5e-4, 500, None, "attn"), "slant": (1e-3, 1000, None, "conv"), "faint": (7e-4, 1000, None, "conv")}
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

@@ -253,7 +253,7 @@ def main(args: argparse.Namespace) -> None:
     for d in args.concepts_dir:
         Path(d).mkdir(parents=True, exist_ok=True)
     builtin, note = ({}, "") if args.no_builtin_concepts or model != "builtin:digits" else builtin_concept_folders()
-    preload = list(builtin.values())[:2]  # a first click shows two concepts, their fusion and the base
+    preload = list(builtin.values())[:2]  # bands 0 and 1: a first click shows two concepts, their fusion, the base
     config = AppConfig(model=model, concepts_dirs=[*args.concepts_dir, *{p.parent for p in builtin.values()}],
                        upload_dir=upload, model_dirs=args.model_dirs, preload=preload, max_seeds=args.max_seeds,
                        max_steps=args.max_steps, max_sessions=args.max_sessions, session_ttl_s=args.session_ttl,

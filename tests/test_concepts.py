@@ -82,6 +82,8 @@ def test_builtin_concepts_are_small_disjoint_and_documented():
             assert file.stat().st_size < 2 ** 20, file
         unets.append(f / "unet")
     assert find_overlaps(unets, list(folders)).ok  # disjoint bands: fusable in spectral mode
+    bands = [concept_info(n)["band"] for n in folders]
+    assert bands == sorted(bands) and list(folders)[:2] == ["bold", "slant"]  # band order: the demo preloads these
     with pytest.raises(KeyError, match="available"):
         concept_info("nope")
 

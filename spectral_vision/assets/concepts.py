@@ -40,10 +40,20 @@ CONCEPTS_DIR = Path(__file__).with_name("concepts")
 
 
 def builtin_concepts() -> dict[str, Path]:
-    """``{name: concept folder}`` of the shipped concepts, sorted by name (empty if none are installed)."""
+    """``{name: concept folder}`` of the shipped concepts in band order (band 0 first; empty if none are installed).
+    The demo preloads the first two."""
     if not CONCEPTS_DIR.is_dir():
         return {}
-    return {p.name: p for p in sorted(CONCEPTS_DIR.iterdir()) if (p / "concept.json").is_file()}
+    found = [p for p in sorted(CONCEPTS_DIR.iterdir()) if (p / "concept.json").is_file()]
+
+    def band(p: Path) -> int:
+        try:
+            b = json.loads((p / "concept.json").read_text()).get("band")
+        except (OSError, ValueError, AttributeError):
+            b = None
+        return b if isinstance(b, int) else 1 << 30
+
+    return {p.name: p for p in sorted(found, key=band)}
 
 
 def concept_info(name: str) -> dict:
