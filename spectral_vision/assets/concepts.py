@@ -6,26 +6,27 @@ Each ``assets/concepts/<name>/`` is a concept folder as ``training/dreambooth_sp
 token, its prompts (``prompt_template``: ``"a handwritten digit {digit} <token>"``), the method, rank, band,
 recipe and the solo metrics measured when it was trained.
 
-Shipped: ``bold`` (band 0) and ``slant`` (band 1). How they were trained
-(``benchmarks/fusion_digits.py --methods spectral_a lora --concepts bold slant --export_assets ...``, on the
-project's 2-core CPU):
+Shipped: ``bold`` (band 0), ``slant`` (band 1) and ``faint`` (band 2). How they were trained
+(``benchmarks/fusion_digits.py --methods spectral_a lora --concepts bold slant faint --export_assets ...``, on
+the project's 2-core CPU):
 
 * data: ``training/digit_concepts.write_instance_set(name, folder)``: 20 held-out digits per class (never
-  seen by the base) transformed by the concept (``bold``: grey dilation radius 2, ``slant``: shear 0.45),
-  each captioned with its digit (``"a handwritten digit 7 shill"``); prior preservation with the same
-  digits untransformed (``"a handwritten digit 7"``);
-* tokens ``shill`` (bold) and ``olis`` (slant): alone and together they leave the base's digit accuracy at
-  99-100 % with no adapter (``benchmarks/results/concept_token.md``);
+  seen by the base) transformed by the concept (``bold``: grey dilation radius 2, ``slant``: shear 0.45,
+  ``faint``: ink x 0.5), each captioned with its digit (``"a handwritten digit 7 shill"``); prior preservation
+  with the same digits untransformed (``"a handwritten digit 7"``);
+* tokens ``shill`` (bold), ``olis`` (slant), ``spur`` (faint): alone and in every combination they leave the
+  base's digit accuracy at 99-100 % with no adapter (``benchmarks/results/concept_token.md``);
 * ``training/dreambooth_spectral.py --adapter spectral_a --rank 4 --band i`` (UNet only), min-SNR 5, batch
-  8 + 8 prior images, AdamW, constant lr; bold: attention projections, lr 5e-4, 500 steps; slant: attention
-  projections and ResNet 3x3 convolutions (``--target_modules sd_unet_conv``), lr 1e-3, 1000 steps;
-* measured (200 samples, 2 seeds): bold 96.5 % digit accuracy on its prompts, 99.0 % on plain prompts,
-  1.09 of the real stroke-width shift; slant 95.5 %, 99.0 %, 1.01 of the real slant (both meet the
-  targets). Fused (spectral): 90 % digit accuracy, bold keeps 0.51 and slant 0.39 of their solo shifts
-  (``benchmarks/results/fusion_digits.md``).
+  8 + 8 prior images, AdamW, constant lr; bold: attention projections, lr 5e-4, 500 steps; slant and faint:
+  attention projections and ResNet 3x3 convolutions (``--target_modules sd_unet_conv``), 1000 steps, lr 1e-3
+  (slant) and 7e-4 (faint);
+* measured (200 samples, 2 seeds; digit accuracy on its prompts, on plain prompts, share of the real shift):
+  bold 97.5 %, 98.5 %, 1.07; slant 94.0 %, 99.0 %, 1.01; faint 95.0 %, 99.0 %, 0.91 (all meet the targets).
+  Fused (spectral), all three: 90 % digit accuracy, but bold keeps 0.06, slant 0.15 and faint 0.38 of their
+  solo shifts; bold+slant: 91.5 %, 0.50 and 0.39 (``benchmarks/results/fusion_digits.md``).
 
     from spectral_vision.assets.concepts import builtin_concepts, concept_info
-    folders = builtin_concepts()            # {"bold": Path(...), "slant": Path(...)}
+    folders = builtin_concepts()            # {"bold": Path(...), "slant": Path(...), "faint": Path(...)}
     fusion.pipeline.fuse_pipeline(pipe, list(folders.values()), mode="spectral", names=list(folders))
     concept_info("bold")["prompt_template"].format(digit=7)   # "a handwritten digit 7 shill"
 """
