@@ -65,6 +65,8 @@ def test_concept_transforms_move_their_signature(heldout):
     np.testing.assert_array_equal(inv["bold"], base["bold"])
     np.testing.assert_array_equal(inv["slant"], base["slant"])
     np.testing.assert_allclose(dc.apply(["bold", "invert"], x), 1 - dc.apply(["bold"], x), atol=1e-6)
+    with pytest.raises(ValueError, match="share a token"):  # the sets beyond CONCEPTS reuse measured tokens
+        dc.concept_prompt(["faint", "invert"], 3)
     tb, ti = dc.CONCEPTS["bold"].token, dc.ALL_CONCEPTS["invert"].token
     assert dc.concept_prompt(["invert", "bold"], 3) == f"a handwritten digit 3 {tb} {ti}"
 

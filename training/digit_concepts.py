@@ -176,9 +176,10 @@ class Concept:
     unit: str
 
 
-# The fusable concepts, in order of application when several are combined. Tokens: chosen by measurement (benchmarks/results/concept_token.md): each one alone AND every
-# combination of them appended to "a handwritten digit N" leave the base's digit accuracy at >= 99 % with no
-# adapter (a pair that looks harmless alone can still wreck it together: "phol olis" drops it to 79 %).
+# The fusable concepts, in order of application when several are combined. Tokens: chosen by measurement
+# (benchmarks/results/concept_token.md): each one alone AND every combination of them appended to "a handwritten
+# digit N" leave the base's digit accuracy at >= 99 % with no adapter (a pair that looks harmless alone can still
+# wreck it together: "phol olis" drops it to 79 %).
 CONCEPTS = {
     "bold": Concept("bold", "shill", bold, stroke_width, "px stroke width"),
     "slant": Concept("slant", "olis", slant, slant_degrees, "degrees slant"),
@@ -230,7 +231,10 @@ def signatures(gray: np.ndarray) -> dict[str, np.ndarray]:
 def concept_prompt(names: Sequence[str], digit: Union[int, str, None] = None) -> str:
     """``"a handwritten digit 3 sks zwx"``: the base caption, then the concepts' tokens (``digit=None``: none)."""
     base = "a handwritten digit" if digit is None else f"a handwritten digit {digit}"
-    return " ".join([base] + [c.token for n, c in ALL_CONCEPTS.items() if n in names])
+    tokens = [c.token for n, c in ALL_CONCEPTS.items() if n in names]
+    if len(set(tokens)) != len(tokens):
+        raise ValueError(f"concepts {list(names)} share a token ({tokens}): a prompt could not tell them apart")
+    return " ".join([base] + tokens)
 
 
 @dataclass(frozen=True)
